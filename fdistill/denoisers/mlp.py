@@ -1,0 +1,58 @@
+"""A small residual MLP for vector data (2-D toys, flattened tiny images)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar noise label (as in EDM's DDPM++ config)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
+
+    def forward(self, t: Tensor) -> Tensor:
+        arg = 2 * math.pi * t.float()[:, None] * self.freqs[None]
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class MLP(nn.Module):
+    """Raw network ``net(x, c_noise, cond, return_features)`` for vectors ``x`` of shape [N, D].
+
+    Wrap it in :class:`~fdistill.denoisers.EDMPrecond` to get a denoiser. ``features`` are
+    the last hidden activations, shape [N, hidden], for a discriminator head.
+    """
+
+    def __init__(
+        self, dim: int, hidden: int = 128, depth: int = 3, num_classes: int = 0, emb: int = 64
+    ):
+        super().__init__()
+        self.dim, self.hidden, self.num_classes = dim, hidden, num_classes
+        self.embed_noise = FourierEmbedding(emb)
+        self.embed_class = nn.Embedding(num_classes, emb) if num_classes else None
+        self.emb_proj = nn.Sequential(nn.Linear(emb, hidden), nn.SiLU())
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+            )
+            for _ in range(depth)
+        )
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, return_features: bool = False
+    ):
+        e = self.embed_noise(c_noise)
+        if self.embed_class is not None and cond is not None:
+            e = e + self.embed_class(cond.long())
+        e = self.emb_proj(e)
+        h = self.inp(x.reshape(x.shape[0], -1))
+        for block in self.blocks:
+            h = h + block(h + e)
+        out = self.out(h).reshape(x.shape)
+        return (out, h) if return_features else out
