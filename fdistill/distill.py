@@ -1,0 +1,214 @@
+"""One f-distill update: the critic step and the generator step (DESIGN.md section 1).
+
+:class:`FDistill` holds the frozen teacher, the student generator, the fake-score denoiser
+and the discriminator head, and computes both losses. It knows nothing of data loading,
+optimisers or processes: the training loop in :mod:`fdistill.training` drives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fdistill.critic import DiscriminatorHead
+from fdistill.denoisers.base import sigma_view
+from fdistill.denoisers.edm import karras_sigmas
+from fdistill.divergences import Divergence
+from fdistill.loss import (
+    FDistillWeights,
+    RatioNormalizer,
+    discriminator_loss,
+    distribution_matching_loss,
+    gan_generator_loss,
+    r1_penalty,
+)
+
+FEATURE_SOURCES = ("fake", "teacher")
+
+
+@dataclass
+class LossConfig:
+    """Hyperparameters of the f-distill losses (defaults: DESIGN.md / paper Table 5, CIFAR-10)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    num_sigmas: int = 1000
+    gan_weight: float = 1e-3
+    r1_gamma: float = 0.0
+    logit_clip: float = 10.0
+    r_clip: tuple[float, float] = (0.1, 20.0)
+    normalize: bool = True
+    ratio_bins: int = 8
+    ratio_ema: float = 0.0
+    weighting: str = "dmd"
+    disc_features: str = "fake"
+    guidance: float = 1.0
+    sigma_data: float = 0.5
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Temporarily stop weight gradients of ``modules`` (inputs still get gradients)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class FDistill(nn.Module):
+    """Teacher, student, fake score and discriminator head, with the two f-distill losses.
+
+    ``teacher(x, sigma, cond, return_features=...)`` must return features when
+    ``disc_features == "teacher"``; the fake score always must when it is ``"fake"``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        generator: nn.Module,
+        fake_score: nn.Module,
+        head: DiscriminatorHead,
+        divergence: Divergence,
+        cfg: LossConfig,
+    ):
+        super().__init__()
+        if cfg.disc_features not in FEATURE_SOURCES:
+            raise ValueError(
+                f"disc_features must be one of {FEATURE_SOURCES}, got '{cfg.disc_features}'"
+            )
+        self.teacher, self.generator, self.fake_score, self.head = (
+            teacher,
+            generator,
+            fake_score,
+            head,
+        )
+        self.teacher.requires_grad_(False).eval()
+        self.cfg = cfg
+        normalizer = (
+            RatioNormalizer(cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins, cfg.r_clip, cfg.ratio_ema)
+            if cfg.normalize
+            else None
+        )
+        self.weights = FDistillWeights(divergence, cfg.logit_clip, normalizer)
+        grid = karras_sigmas(cfg.num_sigmas, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        self.register_buffer("sigma_grid", grid[1:-1].float(), persistent=False)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return [*self.fake_score.parameters(), *self.head.parameters()]
+
+    def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Noise levels: a uniform index into the Karras grid, extremes excluded."""
+        device = generator.device if generator is not None else self.sigma_grid.device
+        idx = torch.randint(len(self.sigma_grid), (n,), generator=generator, device=device)
+        return self.sigma_grid[idx.to(self.sigma_grid.device)]
+
+    def _teacher(self, x_t: Tensor, sigma: Tensor, cond: Tensor | None, features: bool):
+        """Teacher denoiser with optional classifier-free guidance, features from the cond pass."""
+        out = (
+            self.teacher(x_t, sigma, cond, return_features=True)
+            if features
+            else (self.teacher(x_t, sigma, cond), None)
+        )
+        if self.cfg.guidance != 1.0 and cond is not None:
+            with torch.no_grad():
+                uncond = self.teacher(x_t, sigma, None)
+            d = out[0]
+            out = (uncond + self.cfg.guidance * (d - uncond), out[1])
+        return out
+
+    def _noise(self, x: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tensor:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x + sigma_view(sigma, x) * eps
+
+    def critic_loss(
+        self,
+        z: Tensor,
+        cond: Tensor | None,
+        x_real: Tensor,
+        cond_real: Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Fake-score denoising loss on detached student samples + discriminator loss."""
+        with torch.no_grad():
+            x_fake = self.generator(z, cond)
+        n = x_fake.shape[0]
+        sigma = self.sample_sigma(n, generator).to(x_fake.dtype)
+        xf_t = self._noise(x_fake, sigma, generator)
+        xr_t = self._noise(x_real, sigma, generator)
+        use_fake = self.cfg.disc_features == "fake"
+        out = self.fake_score(xf_t, sigma, cond, return_features=use_fake)
+        d_fake, feats_fake = out if use_fake else (out, None)
+        sd = self.cfg.sigma_data
+        lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        dsm = lam * (d_fake - x_fake).float().pow(2).reshape(n, -1).mean(1)
+
+        need_r1 = self.cfg.r1_gamma > 0
+        if need_r1:
+            xr_t = xr_t.detach().requires_grad_(True)
+        if use_fake:
+            _, feats_real = self.fake_score(xr_t, sigma, cond_real, return_features=True)
+            logit_real = self.head(feats_real)
+            logit_fake = self.head(feats_fake)
+        else:
+            with torch.set_grad_enabled(need_r1):
+                _, feats_real = self.teacher(xr_t, sigma, cond_real, return_features=True)
+            with torch.no_grad():
+                _, feats_fake = self.teacher(xf_t, sigma, cond, return_features=True)
+            logit_real, logit_fake = self.head(feats_real), self.head(feats_fake)
+        disc = discriminator_loss(logit_real, logit_fake)
+        loss = dsm + disc
+        stats = {"loss_dsm": float(dsm.mean()), "loss_disc": float(disc.mean())}
+        if need_r1:
+            r1 = r1_penalty(logit_real, xr_t)
+            loss = loss + 0.5 * self.cfg.r1_gamma * r1
+            stats["r1"] = float(r1.mean())
+        stats["logit_real"] = float(logit_real.mean())
+        stats["logit_fake"] = float(logit_fake.mean())
+        return loss.mean(), stats
+
+    def generator_loss(
+        self,
+        z: Tensor,
+        cond: Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """h-weighted distribution matching loss + GAN term, at one ``(x_t, sigma)`` per sample.
+
+        The teacher's and fake score's denoised estimates and the discriminator's log-ratio
+        all come from the same forward passes at the same noised student sample.
+        """
+        x = self.generator(z, cond)
+        n = x.shape[0]
+        sigma = self.sample_sigma(n, generator).to(x.dtype)
+        x_t = self._noise(x.detach(), sigma, generator)
+        gan = self.cfg.gan_weight > 0
+        use_fake = self.cfg.disc_features == "fake"
+        if gan:  # the GAN term needs d logit / d x: route x_t through the graph
+            x_t = x_t + (x - x.detach())
+        with frozen(self.fake_score, self.head):
+            with torch.set_grad_enabled(gan and not use_fake):
+                d_teacher, t_feats = self._teacher(x_t, sigma, cond, features=not use_fake)
+            with torch.set_grad_enabled(gan and use_fake):
+                out = self.fake_score(x_t, sigma, cond, return_features=use_fake)
+            d_fake, f_feats = out if use_fake else (out, None)
+            with torch.set_grad_enabled(gan):
+                logit = self.head(f_feats if use_fake else t_feats)
+        h = self.weights(logit.detach(), sigma)
+        loss = distribution_matching_loss(
+            x, d_teacher.detach(), d_fake.detach(), h, sigma, self.cfg.weighting
+        )
+        stats = {"loss_dm": float(loss.mean())}
+        if gan:
+            g = gan_generator_loss(logit)
+            loss = loss + self.cfg.gan_weight * g
+            stats["loss_gan"] = float(g.mean())
+        stats |= {"h_min": float(h.min()), "h_mean": float(h.mean()), "h_max": float(h.max())}
+        return loss.mean(), stats
