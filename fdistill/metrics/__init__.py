@@ -1,5 +1,15 @@
 """Metrics: mode coverage and ratio calibration for exact teachers, precision/recall, FID."""
 
+from fdistill.metrics.fid import (
+    StatsAccumulator,
+    feature_stats,
+    fid_torchmetrics,
+    frechet_distance,
+    frechet_distance_from_stats,
+    load_stats,
+    save_stats,
+)
+from fdistill.metrics.inception import InceptionFeatures, find_inception
 from fdistill.metrics.knn import knn_precision_recall
 from fdistill.metrics.toy import (
     log_kde,
@@ -11,6 +21,15 @@ from fdistill.metrics.toy import (
 )
 
 __all__ = [
+    "InceptionFeatures",
+    "StatsAccumulator",
+    "feature_stats",
+    "fid_torchmetrics",
+    "find_inception",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "load_stats",
+    "save_stats",
     "knn_precision_recall",
     "log_kde",
     "logr_calibration",

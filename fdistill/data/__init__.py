@@ -1,0 +1,21 @@
+"""Image data sets: built-ins (``digits``, ``mnist``), image folders, ``.npz`` and EDM zips."""
+
+from fdistill.data.dataset import ImageDataset
+from fdistill.data.loading import (
+    BUILTIN_DATASETS,
+    IMAGE_EXTENSIONS,
+    decode_image,
+    load_dataset,
+    npz_images_to_float,
+    resize,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "ImageDataset",
+    "decode_image",
+    "load_dataset",
+    "npz_images_to_float",
+    "resize",
+]

@@ -1,0 +1,149 @@
+"""EDM preconditioning, loss and noise grid against Karras et al. (2022), Table 1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fdistill.denoisers.edm import EDMLoss, EDMPrecond, karras_sigmas
+
+SIGMAS = [0.002, 0.05, 0.5, 1.0, 3.0, 80.0]
+
+
+class Recorder(nn.Module):
+    """Raw network that records its inputs and returns a fixed output."""
+
+    def __init__(self, value: float = 0.0):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, c_noise, cond=None, return_features=False):
+        self.x_in, self.c_noise, self.cond = x, c_noise, cond
+        out = torch.full_like(x, self.value)
+        return (out, x.mean(1)) if return_features else out
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.3])
+def test_coefficients_match_edm_table(sigma_data):
+    pre = EDMPrecond(Recorder(), sigma_data=sigma_data)
+    for s in SIGMAS:
+        c_skip, c_out, c_in, c_noise = pre.coefficients(torch.tensor(s, dtype=torch.float64))
+        r = math.hypot(s, sigma_data)
+        assert math.isclose(c_skip.item(), sigma_data**2 / r**2, rel_tol=1e-12)
+        assert math.isclose(c_out.item(), s * sigma_data / r, rel_tol=1e-12)
+        assert math.isclose(c_in.item(), 1 / r, rel_tol=1e-12)
+        assert math.isclose(c_noise.item(), 0.25 * math.log(s), rel_tol=1e-12)
+
+
+def test_precond_forward_uses_coefficients():
+    sd = 0.5
+    x = torch.randn(6, 3)
+    sigma = torch.tensor(SIGMAS)
+    for value in (0.0, 1.0):
+        net = Recorder(value)
+        d = EDMPrecond(net, sigma_data=sd)(x, sigma, cond=torch.arange(6))
+        r = (sigma**2 + sd**2).sqrt()[:, None]
+        c_skip, c_out = sd**2 / r**2, sigma[:, None] * sd / r
+        # F = 0 gives D = c_skip x; a constant F = 1 adds c_out.
+        torch.testing.assert_close(d, c_skip * x + value * c_out)
+        torch.testing.assert_close(net.x_in, x / r)
+        torch.testing.assert_close(net.c_noise, sigma.log() / 4)
+        assert torch.equal(net.cond, torch.arange(6))
+    x0, feats = EDMPrecond(Recorder(), sigma_data=sd)(x, 2.0, return_features=True)
+    torch.testing.assert_close(x0, sd**2 / (4 + sd**2) * x)
+    torch.testing.assert_close(feats, (x / math.sqrt(4 + sd**2)).mean(1))
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.3, 2.0, 40.0])
+def test_network_input_and_target_have_unit_variance(sigma):
+    # Non-Gaussian data of std sigma_data (scaled Rademacher) to show that only the
+    # variance matters.
+    sd, n = 0.5, 400_000
+    g = torch.Generator().manual_seed(0)
+    y = sd * (torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1)
+    noise = sigma * torch.randn(n, generator=g, dtype=torch.float64)
+    c_skip, c_out, c_in, _ = EDMPrecond(Recorder(), sd).coefficients(
+        torch.tensor(sigma, dtype=torch.float64)
+    )
+    x = y + noise
+    assert abs((c_in * x).var().item() - 1) < 0.01
+    assert abs(((y - c_skip * x) / c_out).var().item() - 1) < 0.01
+
+
+def _loss_mean(denoiser, x0, loss, seed=0):
+    return loss(denoiser, x0, generator=torch.Generator().manual_seed(seed)).mean().item()
+
+
+def test_exact_denoiser_minimises_edm_loss():
+    # 1-D Gaussian data N(0, s0^2): the Bayes-optimal denoiser is s0^2 / (s0^2 + sigma^2) x.
+    # Common random numbers: every candidate sees the same sigmas and noise.
+    s0, n = 0.7, 100_000
+    x0 = s0 * torch.randn(n, 1, generator=torch.Generator().manual_seed(1))
+    loss = EDMLoss()
+
+    def exact(x, sigma, cond=None):
+        s = sigma.reshape(-1, 1)
+        return s0**2 / (s0**2 + s**2) * x
+
+    base = _loss_mean(exact, x0, loss)
+    for perturbed in (
+        lambda x, s, c=None: exact(x, s) + 0.02,
+        lambda x, s, c=None: exact(x, s) - 0.02,
+        lambda x, s, c=None: exact(x, s) * 1.02,
+        lambda x, s, c=None: exact(x, s) * 0.98,
+    ):
+        assert _loss_mean(perturbed, x0, loss) > base
+
+
+def test_edm_loss_weighting_closed_form():
+    # A constant offset eps adds, in expectation, eps^2 * E[lambda(sigma)] with
+    # lambda = 1/sigma_data^2 + 1/sigma^2 and ln sigma ~ N(P_mean, P_std^2), so
+    # E[1/sigma^2] = exp(-2 P_mean + 2 P_std^2). The exact denoiser makes the cross term
+    # zero-mean.
+    s0, sd, n, eps = 0.5, 0.5, 400_000, 0.1
+    pm, ps = -0.5, 0.4
+    loss = EDMLoss(p_mean=pm, p_std=ps, sigma_data=sd)
+    x0 = s0 * torch.randn(n, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def exact(x, sigma, cond=None):
+        s = sigma.reshape(-1, 1)
+        return s0**2 / (s0**2 + s**2) * x
+
+    excess = _loss_mean(lambda x, s, c=None: exact(x, s) + eps, x0, loss) - _loss_mean(
+        exact, x0, loss
+    )
+    expected = eps**2 * (1 / sd**2 + math.exp(-2 * pm + 2 * ps**2))
+    assert abs(excess / expected - 1) < 0.05
+
+
+def test_edm_loss_is_per_sample_and_reproducible():
+    x0 = torch.randn(5, 2, 3)
+    loss = EDMLoss()
+
+    def d(x, sigma, cond=None):
+        return torch.zeros_like(x)
+
+    a = loss(d, x0, generator=torch.Generator().manual_seed(3))
+    b = loss(d, x0, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (5,) and torch.equal(a, b)
+
+
+def test_karras_sigmas_closed_form():
+    t = karras_sigmas(18)
+    assert t.dtype == torch.float64 and len(t) == 18
+    assert math.isclose(t[0].item(), 80.0, rel_tol=1e-12)
+    assert math.isclose(t[-1].item(), 0.002, rel_tol=1e-12)
+    assert (t[1:] < t[:-1]).all()
+    # sigma^(1/rho) is evenly spaced: a straight line in the index.
+    r = t ** (1 / 7)
+    torch.testing.assert_close(r[1:] - r[:-1], torch.full_like(r[1:], (r[-1] - r[0]).item() / 17))
+    # rho = 1 is a linspace; n = 3 has the midpoint ((a + b) / 2)^rho.
+    lin = karras_sigmas(5, 1.0, 5.0, rho=1.0)
+    torch.testing.assert_close(lin, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    mid = karras_sigmas(3, 0.002, 80.0)[1].item()
+    assert math.isclose(mid, ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7, rel_tol=1e-12)
+    with pytest.raises(ValueError):
+        karras_sigmas(1)
