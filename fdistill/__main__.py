@@ -1,0 +1,3 @@
+from fdistill.cli import main
+
+raise SystemExit(main())
