@@ -165,13 +165,13 @@ class FDistill(nn.Module):
             logit_real, logit_fake = self.head(feats_real), self.head(feats_fake)
         disc = discriminator_loss(logit_real, logit_fake)
         loss = dsm + disc
-        stats = {"loss_dsm": float(dsm.mean()), "loss_disc": float(disc.mean())}
+        stats = {"loss_dsm": float(dsm.detach().mean()), "loss_disc": float(disc.detach().mean())}
         if need_r1:
             r1 = r1_penalty(logit_real, xr_t)
             loss = loss + 0.5 * self.cfg.r1_gamma * r1
-            stats["r1"] = float(r1.mean())
-        stats["logit_real"] = float(logit_real.mean())
-        stats["logit_fake"] = float(logit_fake.mean())
+            stats["r1"] = float(r1.detach().mean())
+        stats["logit_real"] = float(logit_real.detach().mean())
+        stats["logit_fake"] = float(logit_fake.detach().mean())
         return loss.mean(), stats
 
     def generator_loss(
@@ -205,10 +205,10 @@ class FDistill(nn.Module):
         loss = distribution_matching_loss(
             x, d_teacher.detach(), d_fake.detach(), h, sigma, self.cfg.weighting
         )
-        stats = {"loss_dm": float(loss.mean())}
+        stats = {"loss_dm": float(loss.detach().mean())}
         if gan:
             g = gan_generator_loss(logit)
             loss = loss + self.cfg.gan_weight * g
-            stats["loss_gan"] = float(g.mean())
+            stats["loss_gan"] = float(g.detach().mean())
         stats |= {"h_min": float(h.min()), "h_mean": float(h.mean()), "h_max": float(h.max())}
         return loss.mean(), stats
