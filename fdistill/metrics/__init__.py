@@ -1,5 +1,14 @@
 """Metrics: mode coverage and ratio calibration for exact teachers, precision/recall, FID."""
 
+from fdistill.metrics.classifier import (
+    DigitClassifier,
+    class_coverage,
+    class_histogram,
+    classifier_fid,
+    load_classifier,
+    mean_confidence,
+)
+from fdistill.metrics.evaluate import evaluate_images
 from fdistill.metrics.fid import (
     StatsAccumulator,
     feature_stats,
@@ -21,6 +30,13 @@ from fdistill.metrics.toy import (
 )
 
 __all__ = [
+    "DigitClassifier",
+    "class_coverage",
+    "class_histogram",
+    "classifier_fid",
+    "evaluate_images",
+    "load_classifier",
+    "mean_confidence",
     "InceptionFeatures",
     "StatsAccumulator",
     "feature_stats",
