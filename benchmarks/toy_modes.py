@@ -31,9 +31,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--divergences", default=",".join(DIVERGENCES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--start-modes", type=int, default=3)
-    p.add_argument("--sigma-max", default="1.0,10.0", help="comma-separated settings")
+    p.add_argument("--sigma-max", default="0.5,1.0,10.0", help="comma-separated settings")
+    p.add_argument("--jobs", type=int, default=1, help="parallel single-thread processes")
     p.add_argument("--out", default="runs/bench-toy")
     p.add_argument("--table", default="benchmarks/results/toy_modes.md")
     args = p.parse_args()
@@ -51,14 +52,13 @@ def main() -> None:
         )
         out = Path(args.out) / f"sigma_max-{smax:g}"
         print(f"\n== sigma_max {smax:g}: {', '.join(divs)} x seeds {seeds} ==", flush=True)
-        summary = compare(cfg, divs, seeds, out, quiet=False)
+        compare(cfg, divs, seeds, out, quiet=False, jobs=args.jobs)
         start = _start_row(out, divs, seeds)
         sections.append(
             f"### sigma_max = {smax:g}\n\n{start}\n"
             + (out / "compare.md").read_text()
             + f"\nFigure: `{out / 'compare.png'}`\n"
         )
-        del summary
     head = (
         "# Toy mode recovery benchmark\n\n"
         f"Imbalanced 8-mode ring (weights span 10x), student warm-started on "

@@ -225,19 +225,42 @@ def scatter(teacher, student, path: Path, title: str = "", ax=None) -> None:
 SUMMARY_KEYS = ("mode_coverage", "tv", "precision", "recall", "teacher_loglik")
 
 
+def _run_job(job: tuple[ToyConfig, str, bool]) -> dict:
+    cfg, out, quiet = job
+    torch.set_num_threads(1)
+    return run(cfg, out, quiet=quiet)
+
+
 def compare(
-    cfg: ToyConfig, divergences: list[str], seeds: list[int], out: str | Path, quiet: bool = True
+    cfg: ToyConfig,
+    divergences: list[str],
+    seeds: list[int],
+    out: str | Path,
+    quiet: bool = True,
+    jobs: int = 1,
 ) -> dict[str, dict[str, tuple[float, float]]]:
-    """Run every divergence for every seed; write a Markdown table, JSON and one figure."""
+    """Run every divergence for every seed; write a Markdown table, JSON and one figure.
+
+    ``jobs > 1`` runs that many single-threaded processes side by side.
+    """
     out = Path(out)
+    grid = [(name, seed) for name in divergences for seed in seeds]
+    cfgs = [
+        (replace(cfg, divergence=n, train=replace(cfg.train, seed=s)), str(out / f"{n}-s{s}"), True)
+        for n, s in grid
+    ]
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            metrics = pool.map(_run_job, cfgs, chunksize=1)
+    else:
+        metrics = [run(c, o, quiet=q) for c, o, q in cfgs]
     results: dict[str, list[dict]] = {}
-    for name in divergences:
-        for seed in seeds:
-            c = replace(cfg, divergence=name, train=replace(cfg.train, seed=seed))
-            m = run(c, out / f"{name}-s{seed}", quiet=quiet)
-            results.setdefault(name, []).append(m)
-            if not quiet:
-                print(f"{name} seed {seed}: " + ", ".join(f"{k} {m[k]:.3f}" for k in SUMMARY_KEYS))
+    for (name, seed), m in zip(grid, metrics, strict=True):
+        results.setdefault(name, []).append(m)
+        if not quiet:
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {m[k]:.3f}" for k in SUMMARY_KEYS))
     summary = {
         name: {k: _mean_std([r[k] for r in rs]) for k in (*SUMMARY_KEYS, "train_seconds")}
         | {"logr_mae": _mean_std([r["logr_calibration"]["mae_mean"] for r in rs])}
