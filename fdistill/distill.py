@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fdistill import rng
 from fdistill.critic import DiscriminatorHead
 from fdistill.denoisers.base import sigma_view
 from fdistill.denoisers.edm import karras_sigmas
@@ -104,10 +105,10 @@ class FDistill(nn.Module):
     def critic_parameters(self) -> list[nn.Parameter]:
         return [*self.fake_score.parameters(), *self.head.parameters()]
 
-    def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_sigma(self, n: int, generator: rng.RandomSource = None) -> Tensor:
         """Noise levels: a uniform index into the Karras grid, extremes excluded."""
         device = generator.device if generator is not None else self.sigma_grid.device
-        idx = torch.randint(len(self.sigma_grid), (n,), generator=generator, device=device)
+        idx = rng.randint(len(self.sigma_grid), (n,), generator, device=device)
         return self.sigma_grid[idx.to(self.sigma_grid.device)]
 
     def _teacher(self, x_t: Tensor, sigma: Tensor, cond: Tensor | None, features: bool):
@@ -124,8 +125,8 @@ class FDistill(nn.Module):
             out = (uncond + self.cfg.guidance * (d - uncond), out[1])
         return out
 
-    def _noise(self, x: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tensor:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def _noise(self, x: Tensor, sigma: Tensor, generator: rng.RandomSource) -> Tensor:
+        eps = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         return x + sigma_view(sigma, x) * eps
 
     def critic_loss(
@@ -134,7 +135,7 @@ class FDistill(nn.Module):
         cond: Tensor | None,
         x_real: Tensor,
         cond_real: Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: rng.RandomSource = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Fake-score denoising loss on detached student samples + discriminator loss."""
         with torch.no_grad():
@@ -178,7 +179,7 @@ class FDistill(nn.Module):
         self,
         z: Tensor,
         cond: Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: rng.RandomSource = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """h-weighted distribution matching loss + GAN term, at one ``(x_t, sigma)`` per sample.
 

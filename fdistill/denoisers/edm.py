@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fdistill import rng
 from fdistill.denoisers.base import sigma_batch, sigma_view
 
 
@@ -55,6 +56,7 @@ class EDMLoss:
     """Denoising score matching with EDM's log-normal noise levels and loss weighting.
 
     ``loss(denoiser, x0, cond)`` returns per-sample losses (mean over non-batch dims).
+    ``generator`` is a ``torch.Generator`` or a :class:`fdistill.rng.BatchRandom`.
     """
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
@@ -65,13 +67,13 @@ class EDMLoss:
         denoiser,
         x0: Tensor,
         cond: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: rng.RandomSource = None,
     ) -> Tensor:
         n = x0.shape[0]
-        rnd = torch.randn(n, generator=generator, device=x0.device)
+        rnd = rng.randn((n,), generator, device=x0.device)
         sigma = (rnd * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device) * sigma_view(sigma, x0)
+        noise = rng.randn(x0.shape, generator, device=x0.device) * sigma_view(sigma, x0)
         d = denoiser(x0 + noise, sigma, cond)
         return weight * (d - x0).pow(2).reshape(n, -1).mean(1)
 
