@@ -108,6 +108,281 @@ def run_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(**values) -> dict:
+    """The options the user set (argparse leaves the others at None)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _add_loop_options(p: argparse.ArgumentParser, out: str) -> None:
+    """Options every training command shares."""
+    p.add_argument("--out", default=out, help=f"run folder (default {out})")
+    p.add_argument(
+        "--steps", type=int, help="TOTAL steps; a resumed run ends where a straight one does"
+    )
+    p.add_argument("--batch", type=int, help="global batch, split over torchrun processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--grid-every", type=int, help="steps between sample grids (0: none)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA; no-op on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA; no-op on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+
+
+def _loop_values(args: argparse.Namespace) -> dict:
+    return _given(
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+    ) | {"bf16": args.bf16, "compile": args.compile, "progress": not args.no_progress}
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def add_train_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-teacher",
+        help="train an EDM diffusion teacher on images",
+        description="Train an EDM-preconditioned denoiser (UNet or MLP) on an image data set. "
+        "Writes checkpoint.pt, config.json, metrics.jsonl and grids/*.png into --out. Runs as "
+        "one process or under torchrun (DDP).",
+    )
+    p.add_argument("--data", default="digits", help="digits, mnist, a folder, .npz or EDM .zip")
+    p.add_argument("--resolution", type=int, help="resize images to this size")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--arch", choices=("unet", "mlp"), default="unet")
+    p.add_argument("--channels", type=int, help="UNet base channels / MLP hidden width")
+    p.add_argument("--channel-mult", type=_int_list, metavar="M1,M2,...", help="UNet levels")
+    p.add_argument("--num-blocks", type=int, help="UNet residual blocks per level")
+    p.add_argument("--depth", type=int, help="MLP residual blocks")
+    p.add_argument("--label-dropout", type=float, help="UNet label dropout, for guidance")
+    p.add_argument("--unconditional", action="store_true", help="ignore the data set's labels")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-warmup", type=int, help="steps of linear learning-rate warm-up")
+    _add_loop_options(p, "runs/teacher")
+    p.set_defaults(func=run_train_teacher)
+
+
+def run_train_teacher(args: argparse.Namespace) -> int:
+    from fdistill import pipeline
+
+    cfg = pipeline.TeacherConfig()
+    if args.arch == "unet":
+        if args.depth is not None:
+            raise ValueError("--depth is an MLP option; the UNet takes --num-blocks")
+        model = _given(
+            model_channels=args.channels,
+            channel_mult=args.channel_mult,
+            num_blocks=args.num_blocks,
+            label_dropout=args.label_dropout,
+        )
+    else:
+        unet_only = _given(
+            channel_mult=args.channel_mult,
+            num_blocks=args.num_blocks,
+            label_dropout=args.label_dropout,
+        )
+        if unet_only:
+            raise ValueError(f"--arch mlp takes no UNet option ({', '.join(unet_only)})")
+        model = _given(hidden=args.channels, depth=args.depth)
+    train = replace(cfg.train, **_loop_values(args), **_given(lr=args.lr, lr_warmup=args.lr_warmup))
+    cfg = replace(
+        cfg,
+        data=args.data,
+        resolution=args.resolution,
+        max_images=args.max_images,
+        arch=args.arch,
+        model=model,
+        conditional=not args.unconditional,
+        device=args.device,
+        train=train,
+        **_given(grid_every=args.grid_every),
+    )
+    _set_threads(args)
+    res = pipeline.train_teacher_run(cfg, args.out, resume=args.resume)
+    print(f"teacher: {res.steps} steps in {res.seconds:.0f} s -> {res.out}")
+    return 0
+
+
+def add_distill(sub: argparse._SubParsersAction) -> None:
+    from fdistill.pipeline import PRESETS
+
+    p = sub.add_parser(
+        "distill",
+        help="distil a teacher run into a one-step generator",
+        description="f-distill: a one-step student and a fake score initialised from the "
+        "teacher, a discriminator head for the density ratio, h-weighted distribution "
+        "matching + GAN loss. Writes checkpoint.pt, config.json, metrics.jsonl, grids/.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher run folder or checkpoint file")
+    p.add_argument("--divergence", default="js", choices=NAMES, help="f-divergence (default js)")
+    p.add_argument("--alpha", type=float, help="alpha for --divergence alpha")
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="paper Table 5 settings (batch, ratio, GAN weight, LR, R1, CFG, steps); "
+        "explicit options override it",
+    )
+    p.add_argument("--critic-ratio", type=int, help="critic updates per generator update")
+    p.add_argument("--gan-weight", type=float)
+    p.add_argument("--lr", type=float, help="learning rate of both optimisers")
+    p.add_argument("--lr-gen", type=float)
+    p.add_argument("--lr-critic", type=float)
+    p.add_argument("--r1-gamma", type=float, help="R1 penalty weight (0: off)")
+    p.add_argument("--guidance", type=float, help="CFG scale of a class-conditional teacher")
+    p.add_argument(
+        "--disc-features",
+        choices=("teacher", "fake"),
+        help="discriminator on the frozen teacher encoder (official, default) or on the "
+        "fake-score encoder, trained with it (DMD2)",
+    )
+    p.add_argument("--head-hidden", type=int, help="discriminator head width")
+    p.add_argument("--no-normalize", action="store_true", help="no two-stage normalisation")
+    p.add_argument("--raw-teacher", action="store_true", help="teacher's raw (non-EMA) weights")
+    _add_loop_options(p, "runs/distill")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from fdistill import pipeline
+
+    cfg = pipeline.DistillConfig(teacher=args.teacher)
+    if args.preset:
+        cfg = pipeline.apply_preset(cfg, args.preset)
+    lr = _given(lr_gen=args.lr, lr_critic=args.lr)
+    lr |= _given(lr_gen=args.lr_gen, lr_critic=args.lr_critic)
+    train = replace(cfg.train, **_loop_values(args), **lr, **_given(critic_ratio=args.critic_ratio))
+    loss = replace(
+        cfg.loss,
+        **_given(
+            gan_weight=args.gan_weight,
+            r1_gamma=args.r1_gamma,
+            guidance=args.guidance,
+            disc_features=args.disc_features,
+        ),
+    )
+    if args.no_normalize:
+        loss = replace(loss, normalize=False)
+    cfg = replace(
+        cfg,
+        divergence=args.divergence,
+        alpha=args.alpha,
+        teacher_ema=not args.raw_teacher,
+        device=args.device,
+        loss=loss,
+        train=train,
+        **_given(grid_every=args.grid_every, head_hidden=args.head_hidden),
+    )
+    _set_threads(args)
+    res = pipeline.distill_run(cfg, args.out, resume=args.resume)
+    print(f"distill ({cfg.divergence}): {res.steps} steps in {res.seconds:.0f} s -> {res.out}")
+    return 0
+
+
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a teacher or student run",
+        description="Sample a run (its EMA weights). Sample i depends only on the checkpoint, "
+        "--seed and i, never on --batch. Teachers use deterministic Heun with --nfe calls.",
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="run folder (latest checkpoint) or checkpoint file"
+    )
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", help="write a PNG grid here")
+    p.add_argument("--out", help="write an .npz (uint8 'images' [N,H,W,C], 'labels') here")
+    p.add_argument("--nfe", type=int, help="teacher: denoiser calls (default 35)")
+    p.add_argument("--class", dest="class_label", type=int, help="class of every sample")
+    p.add_argument("--guidance", type=float, default=1.0, help="teacher: CFG scale")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import time
+
+    from fdistill import pipeline
+    from fdistill.images import save_image_grid, save_npz
+
+    if not args.grid and not args.out:
+        raise ValueError("nothing to write: pass --grid PNG and/or --out NPZ")
+    _set_threads(args)
+    run = pipeline.load_run(args.ckpt, args.device, ema=not args.raw)
+    t0 = time.perf_counter()
+    images, labels = pipeline.sample_run(
+        run,
+        args.n,
+        args.seed,
+        nfe=args.nfe,
+        class_label=args.class_label,
+        guidance=args.guidance,
+        batch=args.batch,
+        device=args.device,
+    )
+    dt = time.perf_counter() - t0
+    if args.out:
+        save_npz(args.out, images, labels)
+    if args.grid:
+        save_image_grid(images, args.grid)
+    what = ", ".join(p for p in (args.grid, args.out) if p)
+    print(f"{args.n} samples from the {run.kind} at step {run.step} in {dt:.2f} s -> {what}")
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="digits end to end: teacher, JS student, report (about 10 min on 2 CPU cores)",
+        description="Train (or reuse) a digits teacher, distil a one-step student, and write a "
+        "report folder: teacher vs student grids, timings and metrics.",
+    )
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--divergence", default="js", choices=NAMES)
+    p.add_argument("--teacher-steps", type=int)
+    p.add_argument("--distill-steps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true", help="do not reuse a cached teacher")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1: see README)")
+    p.set_defaults(func=run_demo_cmd)
+
+
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    from fdistill import demo
+
+    cfg = demo.DemoConfig(
+        divergence=args.divergence,
+        seed=args.seed,
+        retrain=args.retrain,
+        **_given(
+            teacher_steps=args.teacher_steps,
+            distill_steps=args.distill_steps,
+            threads=args.threads,
+        ),
+    )
+    report = demo.run_demo(cfg, args.out)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fdistill",
@@ -115,13 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_toy(sub)
+    add_train_teacher(sub)
+    add_distill(sub)
+    add_sample(sub)
+    add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fdistill.training import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except NonFiniteError as e:
+        print(f"fdistill: error: {e}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError) as e:
         print(f"fdistill: error: {e}", file=sys.stderr)
         return 2
