@@ -154,16 +154,16 @@ class FDistill(nn.Module):
         need_r1 = self.cfg.r1_gamma > 0
         if need_r1:
             xr_t = xr_t.detach().requires_grad_(True)
+        # Real samples (and, with teacher features, fake ones) only need features: "only"
+        # stops each network at its bottleneck instead of running the decoder for nothing.
         if use_fake:
-            _, feats_real = self.fake_score(xr_t, sigma, cond_real, return_features=True)
-            logit_real = self.head(feats_real)
-            logit_fake = self.head(feats_fake)
+            feats_real = self.fake_score(xr_t, sigma, cond_real, return_features="only")
         else:
             with torch.set_grad_enabled(need_r1):
-                _, feats_real = self.teacher(xr_t, sigma, cond_real, return_features=True)
+                feats_real = self.teacher(xr_t, sigma, cond_real, return_features="only")
             with torch.no_grad():
-                _, feats_fake = self.teacher(xf_t, sigma, cond, return_features=True)
-            logit_real, logit_fake = self.head(feats_real), self.head(feats_fake)
+                feats_fake = self.teacher(xf_t, sigma, cond, return_features="only")
+        logit_real, logit_fake = self.head(feats_real), self.head(feats_fake)
         disc = discriminator_loss(logit_real, logit_fake)
         loss = dsm + disc
         stats = {"loss_dsm": float(dsm.detach().mean()), "loss_disc": float(disc.detach().mean())}
@@ -184,7 +184,10 @@ class FDistill(nn.Module):
         """h-weighted distribution matching loss + GAN term, at one ``(x_t, sigma)`` per sample.
 
         The teacher's and fake score's denoised estimates and the discriminator's log-ratio
-        all come from the same forward passes at the same noised student sample.
+        all come from the same noised student sample. Without the GAN term the features come
+        from the denoising passes themselves; with it, only the feature network's encoder runs
+        with a graph (the denoised estimates enter the loss detached), so the decoders keep no
+        activations for a backward pass that never reaches them.
         """
         x = self.generator(z, cond)
         n = x.shape[0]
@@ -194,14 +197,16 @@ class FDistill(nn.Module):
         use_fake = self.cfg.disc_features == "fake"
         if gan:  # the GAN term needs d logit / d x: route x_t through the graph
             x_t = x_t + (x - x.detach())
+        feature_net = self.fake_score if use_fake else self.teacher
         with frozen(self.fake_score, self.head):
-            with torch.set_grad_enabled(gan and not use_fake):
-                d_teacher, t_feats = self._teacher(x_t, sigma, cond, features=not use_fake)
-            with torch.set_grad_enabled(gan and use_fake):
-                out = self.fake_score(x_t, sigma, cond, return_features=use_fake)
-            d_fake, f_feats = out if use_fake else (out, None)
-            with torch.set_grad_enabled(gan):
-                logit = self.head(f_feats if use_fake else t_feats)
+            if gan:
+                logit = self.head(feature_net(x_t, sigma, cond, return_features="only"))
+            with torch.no_grad():
+                d_teacher, t_feats = self._teacher(x_t, sigma, cond, features=not (gan or use_fake))
+                out = self.fake_score(x_t, sigma, cond, return_features=use_fake and not gan)
+                d_fake, f_feats = out if use_fake and not gan else (out, None)
+                if not gan:
+                    logit = self.head(f_feats if use_fake else t_feats)
         h = self.weights(logit.detach(), sigma)
         loss = distribution_matching_loss(
             x, d_teacher.detach(), d_fake.detach(), h, sigma, self.cfg.weighting

@@ -4,11 +4,15 @@ A *denoiser* is any callable ``denoiser(x, sigma, cond=None) -> x0_hat`` in the 
 convention ``x = x0 + sigma * eps``: it returns its estimate of ``E[x0 | x]``.
 ``sigma`` is a Python float or a tensor that broadcasts to the batch (shape ``[]``,
 ``[N]`` or ``[N, 1, ...]``).
+
+Networks that feed a discriminator head also take ``return_features``: ``False`` (just
+``x0``), ``True`` (``(x0, feats)`` from the same forward pass) or ``"only"`` (``feats``
+alone: the network stops where the features are taken and skips its decoder).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -16,6 +20,9 @@ from torch import Tensor
 
 class Denoiser(Protocol):
     def __call__(self, x: Tensor, sigma: float | Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+
+Features = bool | Literal["only"]
 
 
 def sigma_batch(sigma: float | Tensor, x: Tensor) -> Tensor:

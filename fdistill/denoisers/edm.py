@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill import rng
-from fdistill.denoisers.base import sigma_batch, sigma_view
+from fdistill.denoisers.base import Features, sigma_batch, sigma_view
 
 
 class EDMPrecond(nn.Module):
@@ -15,7 +15,8 @@ class EDMPrecond(nn.Module):
     ``D(x, sigma) = c_skip * x + c_out * F(c_in * x, c_noise)`` with EDM's coefficients, so
     the network sees unit-variance inputs and targets at every noise level. With
     ``return_features=True`` the network's encoder features come back too, so a
-    discriminator head can reuse the forward pass that produced ``x0``.
+    discriminator head can reuse the forward pass that produced ``x0``; with
+    ``return_features="only"`` just the features, without running the decoder.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5):
@@ -37,7 +38,7 @@ class EDMPrecond(nn.Module):
         x: Tensor,
         sigma: float | Tensor,
         cond: Tensor | None = None,
-        return_features: bool = False,
+        return_features: Features = False,
     ):
         s = sigma_view(sigma, x).to(torch.float32)
         c_skip, c_out, c_in, c_noise = self.coefficients(s)
@@ -47,6 +48,8 @@ class EDMPrecond(nn.Module):
             cond,
             return_features=return_features,
         )
+        if return_features == "only":
+            return out
         f, feats = out if return_features else (out, None)
         x0 = (c_skip * x + c_out * f.to(torch.float32)).to(x.dtype)
         return (x0, feats) if return_features else x0

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fdistill.denoisers.base import Features
+
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features of a scalar noise label (as in EDM's DDPM++ config)."""
@@ -45,7 +47,11 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(
-        self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, return_features: bool = False
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        cond: Tensor | None = None,
+        return_features: Features = False,
     ):
         e = self.embed_noise(c_noise)
         if self.embed_class is not None and cond is not None:
@@ -54,5 +60,7 @@ class MLP(nn.Module):
         h = self.inp(x.reshape(x.shape[0], -1))
         for block in self.blocks:
             h = h + block(h + e)
+        if return_features == "only":
+            return h
         out = self.out(h).reshape(x.shape)
         return (out, h) if return_features else out

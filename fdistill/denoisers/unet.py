@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fdistill.denoisers.base import Features
+
 
 def _groups(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
     """Largest group count <= ``max_groups`` that divides ``channels`` with >= 4 channels each."""
@@ -273,9 +275,10 @@ class UNet(nn.Module):
         x: Tensor,
         c_noise: Tensor,
         cond: Tensor | None = None,
-        return_features: bool = False,
+        return_features: Features = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """``out`` [N, out_channels, H, W], or ``(out, feats)`` with the bottleneck features."""
+        """``out`` [N, out_channels, H, W], ``(out, feats)`` with the bottleneck features, or
+        ``feats`` alone for ``return_features="only"`` (the decoder is not run)."""
         emb = self.embed(c_noise.reshape(-1).expand(x.shape[0]), cond).to(x.dtype)
         h = self.conv_in(x)
         skips = [h]
@@ -285,6 +288,8 @@ class UNet(nn.Module):
         for blk in self.mid:
             h = blk(h, emb)
         feats = h
+        if return_features == "only":
+            return feats
         for blk in self.dec:
             if blk.resample != "up":
                 h = torch.cat([h, skips.pop()], dim=1)
