@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -120,14 +121,22 @@ class EMA:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
+    """Write through ``write`` to a temporary file in the same folder, fsync, rename over
+    ``path``: a kill leaves the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -136,13 +145,14 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` atomically (temporary file + rename)."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a text file atomically (temporary file + rename)."""
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
