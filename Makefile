@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test quick lint
+.PHONY: demo toy test quick lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	$(VENV)/bin/fdistill demo --out runs/demo
+
+toy: $(VENV)/.installed
 	$(VENV)/bin/fdistill toy --divergence js --out runs/toy-js
 
 test: $(VENV)/.installed
