@@ -28,8 +28,6 @@ from fdistill.metrics.classifier import (
 )
 from fdistill.metrics.knn import knn_precision_recall
 
-torch.set_num_threads(1)
-
 REMOVED = 3
 
 

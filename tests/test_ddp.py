@@ -69,7 +69,6 @@ def test_batch_random_rows_are_the_single_process_slice():
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    torch.set_num_threads(1)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

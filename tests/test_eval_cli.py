@@ -36,14 +36,6 @@ METRIC_KEYS |= {"class_hist", "class_coverage", "class_tv_uniform", "class_tv_da
 METRIC_KEYS |= {"mean_confidence", "mean_confidence_real"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _no_inception(monkeypatch):
     """No Inception detector is found unless a test passes one."""

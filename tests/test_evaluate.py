@@ -24,8 +24,6 @@ from fdistill.metrics.fid import frechet_distance
 from fdistill.metrics.inception import InceptionFeatures
 from fdistill.metrics.knn import knn_precision_recall
 
-torch.set_num_threads(1)
-
 CLASS_KEYS = {
     "class_hist",
     "class_coverage",

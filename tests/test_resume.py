@@ -11,14 +11,6 @@ from fdistill.training import load_checkpoint
 TINY = ["--batch", "8", "--channels", "8", "--no-progress", "--seed", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_same_state(a, b, path: str = "") -> None:
     """Recursively compare checkpoint contents: tensors bit for bit, everything else by ==."""
     if isinstance(a, dict):

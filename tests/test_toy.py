@@ -4,18 +4,9 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from fdistill.cli import main
 from fdistill.toy import ToyConfig, run
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny(cfg: ToyConfig, steps: int, **kw) -> ToyConfig:

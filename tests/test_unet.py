@@ -10,15 +10,6 @@ from fdistill.denoisers.edm import EDMLoss, EDMPrecond
 from fdistill.denoisers.unet import UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads on a shared 2-core machine can make small convolutions 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturb(net: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
     """Move every parameter off its initial value, as training would."""
     g = torch.Generator().manual_seed(seed)
