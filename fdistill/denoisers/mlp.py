@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 
 from fdistill.denoisers.base import Features
-
-
-class FourierEmbedding(nn.Module):
-    """Random Fourier features of a scalar noise label (as in EDM's DDPM++ config)."""
-
-    def __init__(self, dim: int, scale: float = 16.0):
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
-
-    def forward(self, t: Tensor) -> Tensor:
-        arg = 2 * math.pi * t.float()[:, None] * self.freqs[None]
-        return torch.cat([arg.cos(), arg.sin()], dim=1)
+from fdistill.denoisers.unet import FourierEmbedding
 
 
 class MLP(nn.Module):
