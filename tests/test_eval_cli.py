@@ -24,6 +24,7 @@ from fdistill.metrics.fid import (
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,
+    load_stats,
     save_stats,
 )
 from fdistill.pipeline import load_run, sample_run
@@ -238,3 +239,20 @@ def test_ref_stats_fid(tmp_path):
     )
     assert res["metrics"]["fid"] == pytest.approx(want, rel=1e-6)
     assert "cfid" not in res["metrics"] and res["metrics"]["notes"]
+
+
+def test_ref_stats_command_matches_direct_statistics(tmp_path, capsys):
+    det = tmp_path / "det.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(PixelDetector()), str(det))
+    out = tmp_path / "stats" / "digits.npz"
+    args = ["ref-stats", "--data", "digits", "--n", "300", "--inception", str(det)]
+    assert main([*args, "--features", "64", "--out", str(out)]) == 0
+    mu, sigma = load_stats(out)
+    images = load_dataset("digits").images[:300]
+    x = np.floor((images.numpy().astype(np.float64) + 1) * 127.5 + 0.5).reshape(300, -1)
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-6, atol=1e-6)
+    assert main(["ref-stats", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
