@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from fdistill.data import load_dataset
-from fdistill.demo import DemoConfig, _cached_teacher, distill_config, teacher_config
+from fdistill.demo import DemoConfig, cached_teacher, distill_config, teacher_config
 from fdistill.divergences import NAMES
 from fdistill.evaluation import fid_against_stats, generate_samples
 from fdistill.metrics import InceptionFeatures, evaluate_images, feature_stats, save_stats
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     # 1. The teacher (the demo's), cached in --work.
     t_dir = work / "teacher"
     tcfg = teacher_config(DemoConfig(teacher_steps=args.teacher_steps, seed=0))
-    state = "train" if args.retrain else _cached_teacher(t_dir, tcfg)
+    state = "train" if args.retrain else cached_teacher(t_dir, tcfg)
     if state == "reuse":
         print(f"reusing the teacher in {t_dir}", flush=True)
     else:

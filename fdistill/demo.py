@@ -63,7 +63,7 @@ def distill_config(cfg: DemoConfig, teacher: Path) -> DistillConfig:
     return replace(d, train=replace(d.train, steps=cfg.distill_steps, seed=cfg.seed))
 
 
-def _cached_teacher(out: Path, tcfg: TeacherConfig) -> str:
+def cached_teacher(out: Path, tcfg: TeacherConfig) -> str:
     """``"reuse"``, ``"resume"`` (same options, fewer steps done) or ``"train"``."""
     if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
         return "train"
@@ -141,7 +141,7 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> Path:
     out = Path(out)
     t_dir, s_dir, r_dir = out / "teacher", out / f"student-{cfg.divergence}", out / "report"
     tcfg = teacher_config(cfg)
-    state = "train" if cfg.retrain else _cached_teacher(t_dir, tcfg)
+    state = "train" if cfg.retrain else cached_teacher(t_dir, tcfg)
     timings: dict[str, float] = {}
     if state == "reuse":
         print(f"reusing the teacher in {t_dir}")
