@@ -366,3 +366,13 @@ def test_save_npz_round_trip(tmp_path):
     assert os.listdir(tmp_path) == ["samples.npz"]
     ds = load_dataset(path)
     assert torch.equal(ds.images, expected(u)) and ds.labels.tolist() == [2, 0, 1]
+
+
+def test_npz_with_nan_names_the_image(tmp_path):
+    images = np.zeros((6, 8, 8, 1), dtype=np.float32)
+    images[4, 2, 3, 0] = np.nan
+    np.savez(tmp_path / "bad.npz", images=images)
+    with pytest.raises(ValueError, match=r"1 image\(s\) contain NaN or Inf.*index 4"):
+        load_dataset(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ImageDataset(torch.full((2, 1, 4, 4), float("inf")))

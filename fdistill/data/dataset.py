@@ -13,6 +13,17 @@ from torch.utils.data import Dataset
 _RANGE_TOL = 1e-4
 
 
+def check_finite_images(images: Tensor, source: str) -> None:
+    """Raise a ``ValueError`` naming ``source`` and the first image with a NaN or Inf."""
+    bad = (~torch.isfinite(images)).flatten(1).any(1)
+    if bad.any():
+        idx = bad.nonzero().flatten()
+        raise ValueError(
+            f"{source}: {len(idx)} image(s) contain NaN or Inf values (first at index "
+            f"{int(idx[0])}); clean or drop them before training"
+        )
+
+
 class ImageDataset(Dataset):
     """Square images held in memory, with optional integer class labels.
 
@@ -38,6 +49,7 @@ class ImageDataset(Dataset):
             raise ValueError(f"data set {name!r} has no images")
         if h != w:
             raise ValueError(f"images must be square, got {h}x{w} (height x width)")
+        check_finite_images(images, f"data set {name!r}")
         lo, hi = images.min().item(), images.max().item()
         if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
             raise ValueError(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fdistill.data.dataset import ImageDataset
+from fdistill.data.dataset import ImageDataset, check_finite_images
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -178,6 +178,7 @@ def npz_images_to_float(images: np.ndarray, source: str = "images") -> np.ndarra
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{source}: unsupported images dtype {x.dtype}; use uint8 or float")
     x = x.astype(np.float32)
+    check_finite_images(torch.from_numpy(x), source)
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     tol = 1e-4
     if lo >= -tol and hi <= 1 + tol:
