@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,11 +21,11 @@ import torch
 from torch import Tensor
 
 from fdistill.data import ImageDataset, load_dataset
+from fdistill.evaluation import generate_samples
 from fdistill.images import make_grid, save_image_grid
 from fdistill.metrics import evaluate_images
 from fdistill.pipeline import (
     DistillConfig,
-    LoadedRun,
     TeacherConfig,
     distill_run,
     generate,
@@ -77,12 +76,6 @@ def cached_teacher(out: Path, tcfg: TeacherConfig) -> str:
     if options(saved) != options(want):
         return "train"
     return "reuse" if load_checkpoint(out)["step"] >= tcfg.train.steps else "resume"
-
-
-def _timed_samples(run: LoadedRun, n: int, seed: int, nfe: int | None) -> tuple[Tensor, float]:
-    t0 = time.perf_counter()
-    x, _ = sample_run(run, n, seed, nfe=nfe)
-    return x, time.perf_counter() - t0
 
 
 REPORT_COLUMNS = (
@@ -161,9 +154,9 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> Path:
     teacher, student = load_run(t_dir), load_run(s_dir)
     n = cfg.n_eval
     seed = cfg.seed + 1  # not the grids' seed 0
-    x_teacher, t_teacher = _timed_samples(teacher, n, seed, cfg.teacher_nfe)
-    x_euler, _ = _timed_samples(teacher, n, seed, 1)
-    x_student, t_student = _timed_samples(student, n, seed, None)
+    x_teacher, t_teacher = generate_samples(teacher, n, seed, cfg.teacher_nfe)
+    x_euler, _ = generate_samples(teacher, n, seed, 1)
+    x_student, t_student = generate_samples(student, n, seed, None)
     timings |= {
         f"teacher_{cfg.teacher_nfe}nfe_sampling_s": t_teacher,
         "student_sampling_s": t_student,

@@ -187,7 +187,7 @@ def reference_stats(
 
 
 def generate_samples(
-    run: LoadedRun, n: int, seed: int, nfe: int | None, batch: int, device: str = "cpu"
+    run: LoadedRun, n: int, seed: int, nfe: int | None, batch: int = 256, device: str = "cpu"
 ) -> tuple[Tensor, float]:
     """``n`` samples of a run (see :func:`fdistill.pipeline.sample_run`) and the seconds the
     generation took (latents, labels and network calls; nothing else)."""
