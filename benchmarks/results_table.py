@@ -50,7 +50,13 @@ from fdistill.data import load_dataset
 from fdistill.demo import DemoConfig, cached_teacher, distill_config, teacher_config
 from fdistill.divergences import NAMES
 from fdistill.evaluation import fid_against_stats, generate_samples
-from fdistill.metrics import InceptionFeatures, evaluate_images, feature_stats, save_stats
+from fdistill.metrics import (
+    InceptionFeatures,
+    evaluate_images,
+    feature_stats,
+    mean_std,
+    save_stats,
+)
 from fdistill.pipeline import (
     DistillConfig,
     distill_run,
@@ -179,18 +185,13 @@ def measure_throughput(paths: dict[str, tuple[str, int | None]], n: int, rounds:
 
 
 # ----------------------------------------------------------------------------- report
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    t = torch.tensor(xs, dtype=torch.float64)
-    return float(t.mean()), (float(t.std()) if len(xs) > 1 else 0.0)
-
-
 def aggregate(rows: list[dict], keys: list[str]) -> dict[tuple, dict[str, tuple[float, float]]]:
     """Mean ± std over seeds per (kind, name, nfe, gan)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["kind"], r["name"], r["nfe"], r["gan"]), []).append(r)
     return {
-        g: {k: _mean_std([r[k] for r in rs if k in r]) for k in keys if k in rs[0]}
+        g: {k: mean_std([r[k] for r in rs if k in r]) for k in keys if k in rs[0]}
         for g, rs in groups.items()
     }
 

@@ -20,7 +20,7 @@ from fdistill.denoisers import MLP, EDMPrecond
 from fdistill.distill import FDistill, LossConfig
 from fdistill.divergences import get_divergence
 from fdistill.generator import OneStepGenerator
-from fdistill.metrics import logr_calibration, toy_metrics
+from fdistill.metrics import logr_calibration, mean_std, toy_metrics
 from fdistill.teachers import GaussianMixture
 from fdistill.training import TrainConfig, atomic_write_text, load_checkpoint, train_distill
 
@@ -262,8 +262,8 @@ def compare(
         if not quiet:
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {m[k]:.3f}" for k in SUMMARY_KEYS))
     summary = {
-        name: {k: _mean_std([r[k] for r in rs]) for k in (*SUMMARY_KEYS, "train_seconds")}
-        | {"logr_mae": _mean_std([r["logr_calibration"]["mae_mean"] for r in rs])}
+        name: {k: mean_std([r[k] for r in rs]) for k in (*SUMMARY_KEYS, "train_seconds")}
+        | {"logr_mae": mean_std([r["logr_calibration"]["mae_mean"] for r in rs])}
         for name, rs in results.items()
     }
     table = markdown_table(summary, len(seeds))
@@ -274,11 +274,6 @@ def compare(
     _compare_figure(cfg, divergences, seeds[0], out)
     print(table)
     return summary
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    t = torch.tensor(xs, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
 
 
 def markdown_table(summary: dict, n_seeds: int) -> str:

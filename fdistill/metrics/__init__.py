@@ -16,6 +16,7 @@ from fdistill.metrics.fid import (
     frechet_distance,
     frechet_distance_from_stats,
     load_stats,
+    mean_std,
     save_stats,
 )
 from fdistill.metrics.inception import InceptionFeatures, find_inception
@@ -45,6 +46,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "load_stats",
+    "mean_std",
     "save_stats",
     "knn_precision_recall",
     "log_kde",

@@ -9,7 +9,7 @@ reference files load directly.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,12 @@ def feature_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     mu = x.mean(axis=0)
     xc = x - mu
     return mu, (xc.T @ xc) / (x.shape[0] - 1)
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of a metric over seeds."""
+    t = torch.tensor(list(xs), dtype=torch.float64)
+    return float(t.mean()), (float(t.std()) if len(t) > 1 else 0.0)
 
 
 def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
