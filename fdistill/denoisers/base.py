@@ -7,11 +7,14 @@ convention ``x = x0 + sigma * eps``: it returns its estimate of ``E[x0 | x]``.
 
 Networks that feed a discriminator head also take ``return_features``: ``False`` (just
 ``x0``), ``True`` (``(x0, feats)`` from the same forward pass) or ``"only"`` (``feats``
-alone: the network stops where the features are taken and skips its decoder).
+alone: the network stops at the deepest map it was asked for and skips the rest).
+``feats`` is a list of tensors, one per selected *tap* (see :class:`FeatureTaps`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -23,6 +26,85 @@ class Denoiser(Protocol):
 
 
 Features = bool | Literal["only"]
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """One map a network can hand to a discriminator head.
+
+    ``name`` is the tap's name: ``"enc<R>"`` for the encoder's output at resolution ``R`` (after
+    the last block at that resolution, before downsampling), ``"mid"`` for the bottleneck after
+    the middle blocks, ``"hidden"`` for a flat vector. ``resolution`` is 0 for ``[N, C]``
+    vectors, else the side of the square ``[N, C, R, R]`` map.
+    """
+
+    name: str
+    channels: int
+    resolution: int
+
+
+class FeatureTaps:
+    """Mixin: which encoder maps a network returns for ``return_features``.
+
+    A network lists every tap it offers in :meth:`feature_maps` (forward order, shallow to
+    deep) and honours ``self.feature_taps`` in its forward pass: ``feats`` holds the selected
+    maps in that order, and with ``return_features="only"`` it stops after the deepest one.
+    The selection is a runtime choice (the discriminator's), not part of the weights.
+    """
+
+    def feature_maps(self) -> list[FeatureMap]:
+        raise NotImplementedError
+
+    def default_feature_taps(self) -> tuple[str, ...]:
+        """Every encoder resolution (``enc*``), or all maps when there is no encoder tap."""
+        maps = self.feature_maps()
+        enc = tuple(m.name for m in maps if m.name.startswith("enc"))
+        return enc or tuple(m.name for m in maps)
+
+    @property
+    def feature_taps(self) -> tuple[str, ...]:
+        taps = getattr(self, "_feature_taps", None)
+        return taps if taps is not None else self.default_feature_taps()
+
+    def set_feature_taps(self, names: Sequence[str] | None) -> None:
+        """Select taps by name (``None``: the default). Unknown names raise ``ValueError``."""
+        if names is None:
+            self._feature_taps = None
+            return
+        names = tuple(names)
+        valid = [m.name for m in self.feature_maps()]
+        bad = [n for n in names if n not in valid]
+        if bad or not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"feature taps {list(names)} are not distinct names of this network's maps; "
+                f"valid: {', '.join(valid)}"
+            )
+        self._feature_taps = tuple(sorted(names, key=valid.index))
+
+    def selected_feature_maps(self) -> list[FeatureMap]:
+        """The :class:`FeatureMap` of each selected tap, in the order ``feats`` holds them."""
+        by_name = {m.name: m for m in self.feature_maps()}
+        return [by_name[n] for n in self.feature_taps]
+
+
+class DelegateFeatures(FeatureTaps):
+    """:class:`FeatureTaps` of a wrapper (preconditioning, adapters): asks ``self.net``."""
+
+    def feature_maps(self) -> list[FeatureMap]:
+        net = getattr(self, "net", None)
+        if not isinstance(net, FeatureTaps):
+            raise ValueError(f"{type(net).__name__} offers no discriminator features")
+        return net.feature_maps()
+
+    def default_feature_taps(self) -> tuple[str, ...]:
+        return self.net.default_feature_taps()
+
+    @property
+    def feature_taps(self) -> tuple[str, ...]:
+        return self.net.feature_taps
+
+    def set_feature_taps(self, names: Sequence[str] | None) -> None:
+        self.net.set_feature_taps(names)
 
 
 def sigma_batch(sigma: float | Tensor, x: Tensor) -> Tensor:
