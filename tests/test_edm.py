@@ -1,4 +1,4 @@
-"""EDM preconditioning, loss and noise grid against Karras et al. (2022), Table 1."""
+"""EDM, VP and VE preconditioning, loss and noise grid against Karras et al. (2022), Table 1."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fdistill.denoisers.edm import EDMLoss, EDMPrecond, karras_sigmas
+from fdistill.denoisers.base import FeatureMap, FeatureTaps
+from fdistill.denoisers.edm import EDMLoss, EDMPrecond, VEPrecond, VPPrecond, karras_sigmas
 
 SIGMAS = [0.002, 0.05, 0.5, 1.0, 3.0, 80.0]
 
@@ -175,3 +176,118 @@ def test_teacher_trained_on_gaussian_data_matches_closed_form():
         post_var = s**2 * sigma**2 / (s**2 + sigma**2)
         rel = ((d - exact) ** 2 / post_var).mean().sqrt()
         assert rel < 0.15, (sigma, float(rel))
+
+
+# ------------------------------------------------------------------- VP / VE preconditioning
+# EDM's Table 1, checked against float64 closed forms written with math (log1p, expm1).
+
+VP_DEFAULTS = dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)
+WIDE_SIGMAS = [0.002, 0.01, 0.1, 0.5, 1.0, 2.0, 10.0, 80.0]
+
+
+def _vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    return math.sqrt(math.expm1(0.5 * beta_d * t * t + beta_min * t))
+
+
+@pytest.mark.parametrize("beta_d, beta_min, M", [(19.9, 0.1, 1000), (18.0, 0.3, 500)])
+def test_vp_coefficients_match_table(beta_d, beta_min, M):
+    pre = VPPrecond(Recorder(), beta_d=beta_d, beta_min=beta_min, M=M)
+    for s in WIDE_SIGMAS:
+        c_skip, c_out, c_in, c_noise = (
+            c.item() for c in pre.coefficients(torch.tensor(s, dtype=torch.float64))
+        )
+        assert c_skip == 1.0 and c_out == -s
+        assert math.isclose(c_in, 1 / math.sqrt(1 + s * s), rel_tol=1e-12)
+        # c_noise / (M - 1) is the time t >= 0 whose schedule reaches s:
+        # beta_d t^2 / 2 + beta_min t = log(1 + s^2)
+        t = c_noise / (M - 1)
+        assert t > 0
+        lhs = 0.5 * beta_d * t * t + beta_min * t
+        assert math.isclose(lhs, math.log1p(s * s), rel_tol=1e-9)
+        assert math.isclose(_vp_sigma(t, beta_d, beta_min), s, rel_tol=1e-9)
+
+
+def test_vp_schedule_round_trip_and_range():
+    pre = VPPrecond(Recorder(), **VP_DEFAULTS)
+    t = torch.linspace(1e-5, 1.0, 101, dtype=torch.float64)
+    sig = pre.sigma(t)
+    for ti, si in zip(t.tolist(), sig.tolist(), strict=True):
+        assert math.isclose(si, _vp_sigma(ti), rel_tol=1e-9)  # exp - 1 vs expm1 at t ~ 0
+    torch.testing.assert_close(pre.sigma_inv(sig), t, rtol=1e-9, atol=0)
+    s = torch.tensor(WIDE_SIGMAS, dtype=torch.float64)
+    torch.testing.assert_close(pre.sigma(pre.sigma_inv(s)), s, rtol=1e-9, atol=0)
+    # the range EDM records for VP: sigma(epsilon_t) .. sigma(1), about 0.001 .. 152
+    assert math.isclose(pre.sigma_min, _vp_sigma(1e-5), rel_tol=1e-9)
+    assert math.isclose(pre.sigma_max, _vp_sigma(1.0), rel_tol=1e-12)
+    assert 0.0009 < pre.sigma_min < 0.0011 and 151 < pre.sigma_max < 153
+
+
+@pytest.mark.parametrize("sigma_min, sigma_max", [(0.02, 100.0), (0.01, 50.0)])
+def test_ve_coefficients_match_table(sigma_min, sigma_max):
+    pre = VEPrecond(Recorder(), sigma_min=sigma_min, sigma_max=sigma_max)
+    assert (pre.sigma_min, pre.sigma_max) == (sigma_min, sigma_max)
+    for s in WIDE_SIGMAS + [100.0]:
+        c_skip, c_out, c_in, c_noise = (
+            c.item() for c in pre.coefficients(torch.tensor(s, dtype=torch.float64))
+        )
+        assert (c_skip, c_out, c_in) == (1.0, s, 1.0)
+        assert math.isclose(c_noise, math.log(s) - math.log(2), rel_tol=1e-12, abs_tol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["VP", "VE"])
+def test_vp_ve_forward_uses_their_coefficients(kind):
+    x = torch.randn(len(WIDE_SIGMAS), 3, dtype=torch.float64)
+    sig = WIDE_SIGMAS
+    for value in (0.0, 1.0):
+        net = Recorder(value)
+        pre = VPPrecond(net, **VP_DEFAULTS) if kind == "VP" else VEPrecond(net)
+        d = pre(x.float(), torch.tensor(sig), cond=torch.arange(len(sig)))
+        c_out = torch.tensor([-s if kind == "VP" else s for s in sig], dtype=torch.float64)
+        c_in = torch.tensor(
+            [1 / math.sqrt(1 + s * s) if kind == "VP" else 1.0 for s in sig], dtype=torch.float64
+        )
+        # F = 0 gives D = x (c_skip = 1); a constant F = 1 adds c_out
+        torch.testing.assert_close(d.double(), x + value * c_out[:, None], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(net.x_in.double(), x * c_in[:, None], rtol=1e-6, atol=1e-7)
+        if kind == "VE":
+            expect = torch.tensor([math.log(s / 2) for s in sig])
+        else:  # t from the quadratic, solved with log1p in float64
+            expect = torch.tensor(
+                [999 * (math.sqrt(0.01 + 39.8 * math.log1p(s * s)) - 0.1) / 19.9 for s in sig]
+            )
+        # EDM evaluates the coefficients in float32, and so do we: VP's log(1 + s^2) then loses
+        # digits at small sigma (1.3% of c_noise at s = 0.002, 3e-4 at s = 0.01)
+        torch.testing.assert_close(net.c_noise, pre.coefficients(torch.tensor(sig))[3])
+        torch.testing.assert_close(net.c_noise[1:], expect[1:], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(net.c_noise[:1], expect[:1], rtol=2e-2, atol=0)
+        assert torch.equal(net.cond, torch.arange(len(sig)))
+
+
+class TapNet(FeatureTaps, nn.Module):
+    """Raw network with two feature taps; features are the input's channel means."""
+
+    def feature_maps(self):
+        return [FeatureMap("enc8", 3, 8), FeatureMap("mid", 3, 4)]
+
+    def forward(self, x, c_noise, cond=None, return_features=False):
+        feats = [x.mean(1) for _ in self.feature_taps]
+        if return_features == "only":
+            return feats
+        return (x, feats) if return_features else x
+
+
+@pytest.mark.parametrize("cls", [EDMPrecond, VPPrecond, VEPrecond])
+def test_preconditioning_delegates_feature_taps(cls):
+    net = TapNet()
+    pre = cls(net)
+    assert isinstance(pre, FeatureTaps)
+    assert [m.name for m in pre.feature_maps()] == ["enc8", "mid"]
+    assert pre.feature_taps == ("enc8",)
+    pre.set_feature_taps(["mid", "enc8"])
+    assert net.feature_taps == ("enc8", "mid") == pre.feature_taps
+    feats = pre(torch.randn(2, 3, 8, 8), 1.0, return_features="only")
+    assert len(feats) == 2
+    with pytest.raises(ValueError, match="valid: enc8, mid"):
+        pre.set_feature_taps(["enc4"])
+    with pytest.raises(ValueError, match="offers no discriminator features"):
+        cls(Recorder()).feature_maps()

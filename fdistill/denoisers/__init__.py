@@ -1,7 +1,7 @@
 """Denoisers: the common interface, EDM preconditioning and our own networks."""
 
 from fdistill.denoisers.base import Denoiser, score_from_denoiser, sigma_batch, sigma_view
-from fdistill.denoisers.edm import EDMLoss, EDMPrecond, karras_sigmas
+from fdistill.denoisers.edm import EDMLoss, EDMPrecond, VEPrecond, VPPrecond, karras_sigmas
 from fdistill.denoisers.mlp import MLP
 from fdistill.denoisers.unet import UNet
 
@@ -11,6 +11,8 @@ __all__ = [
     "Denoiser",
     "EDMLoss",
     "EDMPrecond",
+    "VEPrecond",
+    "VPPrecond",
     "karras_sigmas",
     "score_from_denoiser",
     "sigma_batch",
