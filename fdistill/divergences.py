@@ -35,8 +35,10 @@ class Divergence:
     def from_f(cls, f: Callable[[Tensor], Tensor], name: str = "custom") -> Divergence:
         """Build a divergence from a user ``f`` (a torch function of ``r``).
 
-        ``h`` comes from double autograd of ``f`` in float64. ``f(1) = 0`` and convexity on
-        ``r`` in [1e-3, 1e3] are checked; violations raise ``ValueError``.
+        ``h`` comes from double autograd of ``f`` in float64. Checked on ``r`` in [1e-3, 1e3]:
+        ``f(1) = 0``, ``f`` convex, and ``f''`` not zero everywhere (an affine ``f`` has
+        ``h = 0``: every sample would get zero weight and training would silently not move);
+        violations raise ``ValueError``.
         """
         _check_generator(f, name)
 
@@ -48,27 +50,50 @@ class Divergence:
 
 
 def _second_derivative(f: Callable[[Tensor], Tensor], r: Tensor) -> Tensor:
+    """``f''(r)`` by double autograd; exactly 0 where ``f`` (or ``f'``) does not depend on ``r``."""
     with torch.enable_grad():
         r = r.detach().requires_grad_(True)
-        (d1,) = torch.autograd.grad(f(r).sum(), r, create_graph=True)
-        (d2,) = torch.autograd.grad(d1.sum(), r)
+        y = f(r)
+        if not y.requires_grad:  # f ignores r: a constant
+            return torch.zeros_like(r)
+        (d1,) = torch.autograd.grad(
+            y.sum(), r, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+        if not d1.requires_grad:  # f' ignores r: f is affine
+            return torch.zeros_like(r)
+        (d2,) = torch.autograd.grad(d1.sum(), r, allow_unused=True, materialize_grads=True)
     return d2
 
 
 def _check_generator(f: Callable[[Tensor], Tensor], name: str) -> None:
     one = torch.ones(1, dtype=torch.float64)
-    f1 = float(f(one))
+    y = f(one)
+    if not isinstance(y, Tensor) or y.shape != one.shape:
+        raise ValueError(
+            f"f-divergence '{name}': f must map a tensor r to a tensor of the same shape "
+            f"(elementwise), got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}"
+        )
+    f1 = float(y)
     if not math.isfinite(f1) or abs(f1) > 1e-8:
         raise ValueError(f"f-divergence '{name}': f(1) must be 0, got {f1:.3g}")
     grid = torch.logspace(-3, 3, 121, dtype=torch.float64)
     d2 = _second_derivative(f, grid)
     if not torch.isfinite(d2).all():
         raise ValueError(f"f-divergence '{name}': f'' is not finite on r in [1e-3, 1e3]")
+    if (grid**2 * d2).abs().max() <= _ZERO_H:
+        raise ValueError(
+            f"f-divergence '{name}': f''(r) is 0 for every r checked in [1e-3, 1e3] (f is "
+            "affine or piecewise linear), so h = r^2 f''(r) = 0 and training would get no "
+            "gradient; pass a strictly convex f such as r * log(r)"
+        )
     bad = d2 < -1e-9 * d2.abs().max().clamp_min(1.0)
     if bad.any():
         r_bad = float(grid[bad][0])
         raise ValueError(f"f-divergence '{name}': f must be convex, but f''({r_bad:.3g}) < 0")
 
+
+# Largest |h| on the check grid still read as "no curvature" (float64 round-off of affine f).
+_ZERO_H = 1e-12
 
 _LOG2 = math.log(2.0)
 

@@ -172,12 +172,13 @@ def test_npz_layouts(tmp_path, layout):
         "nhwc_float_01": u.astype(np.float32) / 255,
         "nhwc_rgba": np.concatenate([u, np.full_like(u[..., :1], 3)], axis=-1),
     }[layout]
-    labels = np.array([3, 0, 1, 3])
+    value_range = {"nchw_float_pm1": (-1, 1), "nhwc_float_01": (0, 1)}.get(layout)
+    labels = np.array([3, 0, 1, 2])
     np.savez(tmp_path / "d.npz", images=arr, labels=labels)
-    ds = load_dataset(tmp_path / "d.npz")
+    ds = load_dataset(tmp_path / "d.npz", value_range=value_range)
     assert ds.images.shape == (4, c, 6, 6) and ds.name == "d"
     np.testing.assert_allclose(ds.images.numpy(), expected(u).numpy(), atol=1e-6, rtol=0)
-    assert ds.labels.tolist() == [3, 0, 1, 3] and ds.num_classes == 4
+    assert ds.labels.tolist() == [3, 0, 1, 2] and ds.num_classes == 4
 
 
 def test_npz_without_labels(tmp_path):
@@ -373,6 +374,366 @@ def test_npz_with_nan_names_the_image(tmp_path):
     images[4, 2, 3, 0] = np.nan
     np.savez(tmp_path / "bad.npz", images=images)
     with pytest.raises(ValueError, match=r"1 image\(s\) contain NaN or Inf.*index 4"):
-        load_dataset(tmp_path / "bad.npz")
+        load_dataset(tmp_path / "bad.npz", value_range=(0, 1))
     with pytest.raises(ValueError, match="NaN or Inf"):
         ImageDataset(torch.full((2, 1, 4, 4), float("inf")))
+
+
+# ----------------------------------------------------------------------------- validation
+# Each error must name the bad thing (file, label values, counts) in one line.
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_digits_labels_false_same_images_no_labels():
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset("digits", labels=False)
+    want = torch.from_numpy(load_digits().images[:, None].astype(np.float64) / 8 - 1).float()
+    assert torch.equal(ds.images, want)
+    assert ds.labels is None and ds.num_classes == 0 and ds[0][1] == -1
+
+
+def test_stray_label_is_named_with_its_count(tmp_path):
+    y = np.append(np.repeat(np.arange(10), 2), 500)
+    np.savez(tmp_path / "stray.npz", images=pixels(len(y), 4, 4), labels=y)
+    with pytest.raises(ValueError, match="stray.npz") as err:
+        load_dataset(tmp_path / "stray.npz")
+    msg = one_line_error(err)
+    assert "10..499" in msg and "500 (1 image)" in msg and "--unconditional" in msg
+    # Unconditional loading never reads the labels.
+    ds = load_dataset(tmp_path / "stray.npz", labels=False)
+    assert ds.labels is None and ds.num_classes == 0 and len(ds) == 21
+
+
+def test_label_gap_is_named(tmp_path):
+    y = np.repeat([0, 1, 2, 3, 5, 6], [2, 2, 2, 2, 3, 1])
+    np.savez(tmp_path / "gap.npz", images=pixels(len(y), 4, 4), labels=y)
+    with pytest.raises(ValueError, match="gap.npz") as err:
+        load_dataset(tmp_path / "gap.npz")
+    msg = one_line_error(err)
+    assert "1 class (4) has no images" in msg and "5 (3 images), 6 (1 image)" in msg
+
+
+def test_huge_label_does_not_allocate_classes():
+    from fdistill.data import check_labels
+
+    with pytest.raises(ValueError, match=r"1000000000000 \(1 image\)") as err:
+        check_labels(np.array([0, 1, 10**12]), "src")
+    assert "2..999999999999" in one_line_error(err)
+    assert check_labels(torch.tensor([2, 0, 1, 1]), "src") == 3
+
+
+@pytest.mark.parametrize(
+    ("labels", "pattern"),
+    [
+        (np.array([0, -1, 1, -1]), r"negative labels -1 \(2 images\)"),
+        (np.array([0.0, 1.5, 1.0, 0.0]), r"whole class numbers.*index 1, value 1.5"),
+        (np.array([0.0, np.nan, 1.0, 0.0]), r"whole class numbers.*index 1"),
+        (np.array([0.0, np.inf, 1.0, 0.0]), r"whole class numbers.*index 1"),
+        (np.array(["a", "b", "a", "b"]), r"labels must be integers, got dtype <U1"),
+        (np.array([True, False, True, False]), r"labels must be integers, got dtype bool"),
+        (np.zeros((4, 2), np.int64), r"one integer class per image, got shape \(4, 2\)"),
+    ],
+)
+def test_bad_label_types(tmp_path, labels, pattern):
+    np.savez(tmp_path / "lab.npz", images=pixels(4, 4, 4), labels=labels)
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_dataset(tmp_path / "lab.npz")
+    assert "lab.npz" in one_line_error(err)
+    assert load_dataset(tmp_path / "lab.npz", labels=False).labels is None
+
+
+def test_whole_float_labels_are_accepted(tmp_path):
+    np.savez(tmp_path / "f.npz", images=pixels(3, 4, 4), labels=np.array([1.0, 0.0, 1.0]))
+    assert load_dataset(tmp_path / "f.npz").labels.tolist() == [1, 0, 1]
+
+
+def test_num_classes_of_the_model(tmp_path):
+    np.savez(tmp_path / "d.npz", images=pixels(4, 4, 4), labels=np.array([0, 1, 2, 2]))
+    assert load_dataset(tmp_path / "d.npz", num_classes=3).num_classes == 3
+    with pytest.raises(ValueError, match=r"model's 2 classes 0..1.*labels 2 \(2 images\)"):
+        load_dataset(tmp_path / "d.npz", num_classes=2)
+    with pytest.raises(ValueError, match=r"0..4 .* 2 classes \(3..4\) have no images"):
+        load_dataset(tmp_path / "d.npz", num_classes=5)
+    np.savez(tmp_path / "u.npz", images=pixels(4, 4, 4))
+    with pytest.raises(ValueError, match="u.npz' has no labels.*10 classes"):
+        load_dataset(tmp_path / "u.npz", num_classes=10)
+    with pytest.raises(ValueError, match="labels=False"):
+        load_dataset(tmp_path / "u.npz", num_classes=10, labels=False)
+
+
+def test_max_images_cutting_off_classes_is_an_error():
+    with pytest.raises(ValueError, match=r"'digits'.*5 classes \(5..9\).*max_images") as err:
+        load_dataset("digits", max_images=5)
+    one_line_error(err)
+    ds = load_dataset("digits", max_images=5, labels=False)
+    assert len(ds) == 5 and ds.labels is None
+
+
+def test_edm_zip_stray_label_and_unconditional(tmp_path):
+    u = pixels(5, 4, 4)
+    write_edm_zip(tmp_path / "z.zip", u, [0, 1, 0, 1, 77])
+    with pytest.raises(ValueError, match=r"z.zip'.*2..76.*77 \(1 image\)") as err:
+        load_dataset(tmp_path / "z.zip")
+    one_line_error(err)
+    ds = load_dataset(tmp_path / "z.zip", labels=False)
+    assert ds.labels is None and torch.equal(ds.images, expected(u))
+    # labels=False does not even parse dataset.json.
+    with zipfile.ZipFile(tmp_path / "broken.zip", "w") as zf:
+        zf.writestr("a.png", png_bytes(u[0]))
+        zf.writestr("dataset.json", "{not json")
+    assert load_dataset(tmp_path / "broken.zip", labels=False).labels is None
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_dataset(tmp_path / "broken.zip")
+
+
+def test_edm_json_non_integer_label(tmp_path):
+    u = pixels(2, 4, 4)
+    write_png(tmp_path / "a.png", u[0])
+    write_png(tmp_path / "b.png", u[1])
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", 1.5]]}))
+    with pytest.raises(ValueError, match=r"label of 'b.png' is 1.5"):
+        load_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", 2]]}))
+    with pytest.raises(ValueError, match=r"\(1\) has no images.*2 \(1 image\)"):
+        load_dataset(tmp_path)
+    assert load_dataset(tmp_path, labels=False).labels is None
+
+
+def test_folder_empty_class_would_shift_ids(tmp_path):
+    write_png(tmp_path / "cat" / "a.png", pixels(1, 4, 4)[0])
+    (tmp_path / "dog").mkdir()
+    write_png(tmp_path / "emu" / "b.png", pixels(1, 4, 4)[0])
+    with pytest.raises(ValueError, match="'dog' hold no images.*--unconditional") as err:
+        load_dataset(tmp_path)
+    one_line_error(err)
+    ds = load_dataset(tmp_path, labels=False)
+    assert len(ds) == 2 and ds.labels is None and ds.class_names is None
+
+
+def test_folder_classes_unconditional_keeps_every_image(tmp_path):
+    a, b = pixels(2, 4, 4), pixels(1, 4, 4)
+    for k in range(2):
+        write_png(tmp_path / "a" / f"{k}.png", a[k])
+    write_png(tmp_path / "b" / "0.png", b[0])
+    ds = load_dataset(tmp_path, labels=False)
+    assert ds.labels is None and torch.equal(ds.images, expected(np.concatenate([a, b])))
+
+
+# ----------------------------------------------------------------------------- value range
+
+
+def test_float_npz_needs_a_range(tmp_path):
+    x = RNG.random((3, 4, 4), dtype=np.float32)
+    np.savez(tmp_path / "f.npz", images=x)
+    with pytest.raises(ValueError, match="f.npz'.*float images.*--range LO,HI") as err:
+        load_dataset(tmp_path / "f.npz")
+    one_line_error(err)
+
+
+def test_float_npz_range_01_maps_exactly(tmp_path):
+    x = RNG.random((6, 5, 5, 3), dtype=np.float32)
+    x[0, 0, 0, 0], x[1, 1, 1, 1] = 0.0, 1.0
+    np.savez(tmp_path / "f.npz", images=x)
+    ds = load_dataset(tmp_path / "f.npz", value_range=(0, 1))
+    # Independent: the exact 2x - 1 (float64 holds it exactly), rounded once to float32.
+    want = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64) * 2 - 1).float()
+    assert torch.equal(ds.images, want)
+    assert ds.images.min() == -1 and ds.images.max() == 1 and ds.images[0, 0, 0, 0] == -1
+
+
+def test_float_npz_range_pm1_is_identity(tmp_path):
+    x = RNG.uniform(-1, 1, (4, 1, 6, 6)).astype(np.float32)
+    x[0, 0, 0, :3] = [-1.0, 1.0, 1e-30]
+    np.savez(tmp_path / "f.npz", images=x)
+    ds = load_dataset(tmp_path / "f.npz", value_range=(-1, 1))
+    assert torch.equal(ds.images, torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int16])
+def test_range_0_255_matches_uint8(tmp_path, dtype):
+    u = pixels(3, 4, 4, 3)
+    np.savez(tmp_path / "p.npz", images=u.astype(dtype))
+    ds = load_dataset(tmp_path / "p.npz", value_range=(0, 255))
+    assert torch.equal(ds.images, expected(u))
+
+
+def test_uint16_npz_uses_its_type_range(tmp_path):
+    x = RNG.integers(0, 65536, (2, 4, 4), dtype=np.uint16)
+    x[0, 0, :2] = [0, 65535]
+    np.savez(tmp_path / "h.npz", images=x)
+    ds = load_dataset(tmp_path / "h.npz")
+    want = torch.from_numpy(x[:, None].astype(np.float64) / 65535 * 2 - 1).float()
+    assert torch.equal(ds.images, want)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int8, np.uint32])
+def test_other_integer_npz_needs_a_range(tmp_path, dtype):
+    np.savez(tmp_path / "i.npz", images=pixels(2, 4, 4).astype(dtype) // 2)
+    with pytest.raises(ValueError, match=f"i.npz'.*{np.dtype(dtype).name} integer images.*--range"):
+        load_dataset(tmp_path / "i.npz")
+
+
+def test_values_outside_the_range_are_counted(tmp_path):
+    x = RNG.random((6, 4, 4), dtype=np.float32)
+    x[2, 1, 1], x[4, 0, 0], x[4, 3, 3] = 1.5, -0.25, 2.0
+    np.savez(tmp_path / "o.npz", images=x)
+    with pytest.raises(ValueError, match="o.npz") as err:
+        load_dataset(tmp_path / "o.npz", value_range=(0, 1))
+    msg = one_line_error(err)
+    assert "3 values in 2 images" in msg and "first: image 2, value 1.5" in msg
+    # Round-off beyond the range (well inside the slack) is clipped, not refused.
+    x = np.clip(x, 0, 1)
+    x[0, 0, 0], x[0, 0, 1] = np.nextafter(np.float32(1), np.float32(2)), -1e-7
+    np.savez(tmp_path / "ok.npz", images=x)
+    ds = load_dataset(tmp_path / "ok.npz", value_range=(0, 1))
+    assert ds.images[0, 0, 0, 0] == 1 and ds.images[0, 0, 0, 1] == -1
+
+
+@pytest.mark.parametrize("bad", [(1, 0), (0, 0), (0, float("nan")), (0,), "0,1", (0, "x")])
+def test_bad_value_range(tmp_path, bad):
+    np.savez(tmp_path / "f.npz", images=np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"value_range \(--range\)"):
+        load_dataset(tmp_path / "f.npz", value_range=bad)
+
+
+def test_value_range_only_for_npz(tmp_path):
+    with pytest.raises(ValueError, match="'digits' knows its pixel range"):
+        load_dataset("digits", value_range=(0, 16))
+    write_png(tmp_path / "a.png", pixels(1, 4, 4)[0])
+    with pytest.raises(ValueError, match="holds image files"):
+        load_dataset(tmp_path, value_range=(0, 255))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_empty_npz(tmp_path):
+    np.savez(tmp_path / "e.npz", images=np.zeros((0, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"e.npz'.*\(0, 4, 4\).*empty"):
+        load_dataset(tmp_path / "e.npz")
+
+
+@pytest.mark.parametrize(
+    ("shape", "pattern"),
+    [
+        ((2, 4, 4, 0), "has 0 channels"),
+        ((2, 4, 4, 5), "has 5 channels"),
+        ((2, 7, 4, 4), "has 7 channels"),
+        ((2, 4, 6), "6x4"),
+        ((2, 3, 4, 6), "no layout of square images"),
+        ((2, 4, 4, 4, 1), "expected"),
+    ],
+)
+def test_npz_bad_shapes(tmp_path, shape, pattern):
+    np.savez(tmp_path / "s.npz", images=np.zeros(shape, np.uint8))
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_dataset(tmp_path / "s.npz")
+    assert "s.npz" in one_line_error(err)
+
+
+def test_npz_tiny_nchw_and_gray_alpha(tmp_path):
+    # [N, 3, 4, 4] only reads square as NCHW (its last axis, 4, would be a channel count too).
+    u = pixels(2, 4, 4, 3)
+    np.savez(tmp_path / "c.npz", images=u.transpose(0, 3, 1, 2))
+    assert torch.equal(load_dataset(tmp_path / "c.npz").images, expected(u))
+    g = pixels(2, 5, 5)
+    np.savez(tmp_path / "la.npz", images=np.stack([g, np.full_like(g, 9)], axis=-1))
+    assert torch.equal(load_dataset(tmp_path / "la.npz").images, expected(g))
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"max_images": 0}, "--max-images"),
+        ({"max_images": -1}, "--max-images"),
+        ({"resolution": 0}, "--resolution"),
+    ],
+)
+def test_bad_sizes(kw, name):
+    with pytest.raises(ValueError, match=name):
+        load_dataset("digits", **kw)
+
+
+def test_zip_mixed_sizes_names_zip_and_members(tmp_path):
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
+        zf.writestr("a.png", png_bytes(pixels(1, 4, 4)[0]))
+        zf.writestr("b.png", png_bytes(pixels(1, 6, 6)[0]))
+    with pytest.raises(ValueError, match=r"m.zip'.*a.png.*4x4.*b.png.*6x6.*--resolution"):
+        load_dataset(tmp_path / "m.zip")
+    assert load_dataset(tmp_path / "m.zip", resolution=4).images.shape == (2, 1, 4, 4)
+
+
+def test_sixteen_bit_and_float_image_files(tmp_path):
+    x = RNG.integers(0, 65536, (4, 4), dtype=np.uint16)
+    x[0, :2] = [0, 65535]
+    PIL.Image.fromarray(x).save(tmp_path / "deep.png")
+    ds = load_dataset(tmp_path)
+    want = torch.from_numpy(x.astype(np.float64) / 65535 * 2 - 1).float()
+    assert torch.equal(ds.images[0, 0], want)
+    PIL.Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif' holds float pixels"):
+        load_dataset(tmp_path)
+    (tmp_path / "float.tif").unlink()
+    PIL.Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match="wide.tif' is 32-bit.*70000"):
+        load_dataset(tmp_path)
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def test_check_writable_accepts_and_creates(tmp_path):
+    from fdistill.fsutil import check_writable
+
+    out = tmp_path / "runs" / "a"
+    assert check_writable(out, "--out") == out and out.is_dir()
+    assert list(out.iterdir()) == []  # the probe is gone
+    check_writable(tmp_path / "x" / "m.json", "--metrics", is_file=True)
+    assert (tmp_path / "x").is_dir() and not (tmp_path / "x" / "m.json").exists()
+
+
+def test_check_writable_errors_name_option_and_path(tmp_path):
+    from fdistill.fsutil import check_writable
+
+    f = tmp_path / "f"
+    f.write_text("a file")
+    cases = [  # (path, is_file, the path the message names, reason)
+        (f, False, f, "is a file, not a folder"),
+        (f / "sub", False, f / "sub", "cannot create folder"),
+        (f / "m.json", True, f, "is a file, not a folder"),
+        (tmp_path, True, tmp_path, "is a folder"),
+    ]
+    for path, is_file, named, reason in cases:
+        with pytest.raises(ValueError, match=reason) as err:
+            check_writable(path, "--out", is_file=is_file)
+        msg = one_line_error(err)
+        assert msg.startswith("--out: ") and repr(str(named)) in msg, msg
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_check_writable_unwritable_folder():
+    """/proc/self refuses new files even for root (chmod tricks do not stop root)."""
+    from fdistill.fsutil import check_writable
+
+    with pytest.raises(ValueError, match="--out: folder '/proc/self' is not writable"):
+        check_writable("/proc/self", "--out")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
+def test_check_writable_read_only_folder(tmp_path):
+    from fdistill.fsutil import check_writable
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            check_writable(ro / "run", "--out")
+    finally:
+        ro.chmod(0o700)

@@ -90,3 +90,35 @@ def test_unknown_and_bad_params():
     with pytest.raises(ValueError, match="takes no parameters"):
         get_divergence("js", alpha=0.5)
     assert get_divergence(" JS ").name == "js"
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda r: r - 1,
+        lambda r: 2.5 * (1 - r),
+        lambda r: 0 * r,
+        lambda r: torch.zeros_like(r),
+        lambda r: torch.relu(r - 1),  # convex, but f'' = 0 wherever autograd can see it
+    ],
+    ids=["affine", "affine-negative-slope", "zero-times-r", "zero", "piecewise-linear"],
+)
+def test_from_f_refuses_zero_curvature(f):
+    """h = r^2 f'' would be 0 everywhere: refused in one line, never built with h = 0."""
+    with pytest.raises(ValueError, match=r"f''\(r\) is 0 for every r checked") as err:
+        Divergence.from_f(f, name="flat")
+    assert "'flat'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_f_refuses_non_tensor_f():
+    with pytest.raises(ValueError, match="same shape"):
+        Divergence.from_f(lambda r: 0)
+
+
+def test_from_f_accepts_valid_f_with_closed_form_h():
+    """A valid custom f, checked against its hand-derived h: f = (r-1)^4 + r log r."""
+    div = Divergence.from_f(lambda r: (r - 1) ** 4 + r * torch.log(r), name="quartic")
+    r = torch.tensor([0.05, 0.5, 1.0, 2.0, 7.0], dtype=torch.float64)
+    want = r**2 * (12 * (r - 1) ** 2 + 1 / r)
+    torch.testing.assert_close(div.h(r.log()), want, rtol=1e-12, atol=0)
+    assert div.name == "quartic"

@@ -4,6 +4,7 @@ from fdistill.data.dataset import ImageDataset
 from fdistill.data.loading import (
     BUILTIN_DATASETS,
     IMAGE_EXTENSIONS,
+    check_labels,
     decode_image,
     load_dataset,
     npz_images_to_float,
@@ -14,6 +15,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
+    "check_labels",
     "decode_image",
     "load_dataset",
     "npz_images_to_float",

