@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fdistill.critic import DiscriminatorHead
+from fdistill.critic import MultiScaleHead
 from fdistill.denoisers import EDMLoss, EDMPrecond, UNet
 from fdistill.distill import FDistill, LossConfig
 from fdistill.divergences import get_divergence
@@ -149,9 +149,7 @@ class Bench:
             teacher,
             OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True)),
             copy.deepcopy(teacher).requires_grad_(True),
-            DiscriminatorHead(
-                teacher.net.feature_channels, spatial=True, hidden=DistillConfig().head_hidden
-            ),
+            MultiScaleHead.for_network(teacher, hidden=DistillConfig().head_hidden),
             get_divergence("js"),
             LossConfig(gan_weight=args.gan_weight, disc_features=feats),
         ).to(dev)

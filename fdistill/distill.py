@@ -14,13 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from fdistill import rng
-from fdistill.critic import DiscriminatorHead
+from fdistill.critic import MultiScaleHead, feature_taps_of
 from fdistill.denoisers.base import sigma_view
 from fdistill.denoisers.edm import karras_sigmas
 from fdistill.divergences import Divergence
 from fdistill.loss import (
+    RATIO_BINNINGS,
     FDistillWeights,
     RatioNormalizer,
+    SigmaBins,
     discriminator_loss,
     distribution_matching_loss,
     gan_generator_loss,
@@ -28,11 +30,20 @@ from fdistill.loss import (
 )
 
 FEATURE_SOURCES = ("fake", "teacher")
+FAKE_WEIGHTINGS = ("edm", "none")
 
 
 @dataclass
 class LossConfig:
-    """Hyperparameters of the f-distill losses (defaults: DESIGN.md / paper Table 5, CIFAR-10)."""
+    """Hyperparameters of the f-distill losses (defaults: DESIGN.md / paper Table 5, CIFAR-10).
+
+    ``ratio_binning``: noise-level bins of the ratio normalisation, ``"log-sigma"`` (equal width
+    in log sigma) or ``"linear-sigma"`` (equal width in sigma, the official code, which uses
+    ``ratio_bins=10``); ``ratio_bins``: their number; they also break the critic's statistics
+    down by noise level. ``fake_weighting``: the fake score's denoising loss, ``"edm"`` (EDM's
+    ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2``) or ``"none"`` (the
+    unweighted x0 error, the official code).
+    """
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -44,11 +55,32 @@ class LossConfig:
     r_clip: tuple[float, float] = (0.1, 20.0)
     normalize: bool = True
     ratio_bins: int = 8
+    ratio_binning: str = "log-sigma"
     ratio_ema: float = 0.0
     weighting: str = "dmd"
+    fake_weighting: str = "edm"
     disc_features: str = "fake"
     guidance: float = 1.0
     sigma_data: float = 0.5
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (one line) for an option value outside its accepted set."""
+        choices = {
+            "disc_features": FEATURE_SOURCES,
+            "fake_weighting": FAKE_WEIGHTINGS,
+            "ratio_binning": tuple(RATIO_BINNINGS),
+            "weighting": ("dmd", "score"),
+        }
+        for name, ok in choices.items():
+            if getattr(self, name) not in ok:
+                raise ValueError(
+                    f"loss option {name} must be one of {', '.join(ok)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if int(self.ratio_bins) < 1:
+            raise ValueError(
+                f"loss option ratio_bins must be an integer >= 1, got {self.ratio_bins}"
+            )
 
 
 @contextlib.contextmanager
@@ -64,11 +96,36 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(True)
 
 
+def _host(values: dict[str, Tensor], binned: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """Scalar statistics as floats with one device-to-host copy.
+
+    ``binned`` maps a name to ``[2, num_bins]`` (sum, count) rows; a bin with samples becomes
+    the key ``name/bin<k>`` holding its mean, an empty bin is left out.
+    """
+    flat = [v.detach().float().reshape(1) for v in values.values()]
+    flat += [b.detach().float().reshape(-1) for b in (binned or {}).values()]
+    host = torch.cat(flat).tolist()
+    out = dict(zip(values, host[: len(values)], strict=True))
+    pos = len(values)
+    for name, b in (binned or {}).items():
+        nb = b.shape[1]
+        sums, counts = host[pos : pos + nb], host[pos + nb : pos + 2 * nb]
+        pos += 2 * nb
+        out |= {
+            f"{name}/bin{k}": s / c
+            for k, (s, c) in enumerate(zip(sums, counts, strict=True))
+            if c > 0
+        }
+    return out
+
+
 class FDistill(nn.Module):
     """Teacher, student, fake score and discriminator head, with the two f-distill losses.
 
-    ``teacher(x, sigma, cond, return_features=...)`` must return features when
-    ``disc_features == "teacher"``; the fake score always must when it is ``"fake"``.
+    The head reads the encoder features of the teacher (``disc_features="teacher"``, frozen,
+    as the official code does) or of the fake score (``"fake"``, trained with the head): a
+    list of maps, one per tap the feature network selects (``set_feature_taps``). A
+    :class:`MultiScaleHead` must be built for exactly those maps.
     """
 
     def __init__(
@@ -76,15 +133,12 @@ class FDistill(nn.Module):
         teacher: nn.Module,
         generator: nn.Module,
         fake_score: nn.Module,
-        head: DiscriminatorHead,
+        head: nn.Module,
         divergence: Divergence,
         cfg: LossConfig,
     ):
         super().__init__()
-        if cfg.disc_features not in FEATURE_SOURCES:
-            raise ValueError(
-                f"disc_features must be one of {FEATURE_SOURCES}, got '{cfg.disc_features}'"
-            )
+        cfg.validate()
         self.teacher, self.generator, self.fake_score, self.head = (
             teacher,
             generator,
@@ -93,12 +147,24 @@ class FDistill(nn.Module):
         )
         self.teacher.requires_grad_(False).eval()
         self.cfg = cfg
+        source = teacher if cfg.disc_features == "teacher" else fake_score
+        if isinstance(head, MultiScaleHead):
+            maps = feature_taps_of(source).selected_feature_maps()
+            if tuple(maps) != head.maps:
+                raise ValueError(
+                    f"the discriminator head reads {[m.name for m in head.maps]} but the "
+                    f"{cfg.disc_features} network's selected feature taps are "
+                    f"{[m.name for m in maps]}: build it with MultiScaleHead.for_network"
+                )
+        bins = (cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins)
         normalizer = (
-            RatioNormalizer(cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins, cfg.r_clip, cfg.ratio_ema)
+            RatioNormalizer(*bins, cfg.r_clip, cfg.ratio_ema, cfg.ratio_binning)
             if cfg.normalize
             else None
         )
         self.weights = FDistillWeights(divergence, cfg.logit_clip, normalizer)
+        # The normaliser's bins, also used to break the discriminator's statistics down.
+        self.sigma_bins = SigmaBins(*bins, cfg.ratio_binning)
         grid = karras_sigmas(cfg.num_sigmas, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         self.register_buffer("sigma_grid", grid[1:-1].float(), persistent=False)
 
@@ -129,6 +195,13 @@ class FDistill(nn.Module):
         eps = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         return x + sigma_view(sigma, x) * eps
 
+    def fake_score_weight(self, sigma: Tensor) -> Tensor:
+        """Per-sample weight of the fake score's x0 error (``cfg.fake_weighting``)."""
+        if self.cfg.fake_weighting == "none":
+            return torch.ones_like(sigma)
+        sd = self.cfg.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
     def critic_loss(
         self,
         z: Tensor,
@@ -137,7 +210,12 @@ class FDistill(nn.Module):
         cond_real: Tensor | None,
         generator: rng.RandomSource = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Fake-score denoising loss on detached student samples + discriminator loss."""
+        """Fake-score denoising loss on detached student samples + discriminator loss.
+
+        Statistics: the losses, mean logits, ``disc_gap`` (mean real logit minus mean fake
+        logit) and, per noise-level bin of the ratio normaliser, ``disc_gap/bin<k>`` and
+        ``disc_loss/bin<k>`` (bins without samples in this batch are left out).
+        """
         with torch.no_grad():
             x_fake = self.generator(z, cond)
         n = x_fake.shape[0]
@@ -147,15 +225,14 @@ class FDistill(nn.Module):
         use_fake = self.cfg.disc_features == "fake"
         out = self.fake_score(xf_t, sigma, cond, return_features=use_fake)
         d_fake, feats_fake = out if use_fake else (out, None)
-        sd = self.cfg.sigma_data
-        lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
-        dsm = lam * (d_fake - x_fake).float().pow(2).reshape(n, -1).mean(1)
+        err = (d_fake - x_fake).float().pow(2).reshape(n, -1).mean(1)
+        dsm = self.fake_score_weight(sigma.float()) * err
 
         need_r1 = self.cfg.r1_gamma > 0
         if need_r1:
             xr_t = xr_t.detach().requires_grad_(True)
         # Real samples (and, with teacher features, fake ones) only need features: "only"
-        # stops each network at its bottleneck instead of running the decoder for nothing.
+        # stops each network after its deepest tap instead of running the decoder for nothing.
         if use_fake:
             feats_real = self.fake_score(xr_t, sigma, cond_real, return_features="only")
         else:
@@ -166,13 +243,23 @@ class FDistill(nn.Module):
         logit_real, logit_fake = self.head(feats_real), self.head(feats_fake)
         disc = discriminator_loss(logit_real, logit_fake)
         loss = dsm + disc
-        stats = {"loss_dsm": float(dsm.detach().mean()), "loss_disc": float(disc.detach().mean())}
+        lr, lf = logit_real.detach(), logit_fake.detach()
+        values = {"loss_dsm": dsm.mean(), "loss_disc": disc.mean()}
         if need_r1:
             r1 = r1_penalty(logit_real, xr_t)
             loss = loss + 0.5 * self.cfg.r1_gamma * r1
-            stats["r1"] = float(r1.detach().mean())
-        stats["logit_real"] = float(logit_real.detach().mean())
-        stats["logit_fake"] = float(logit_fake.detach().mean())
+            values["r1"] = r1.mean()
+        values |= {"logit_real": lr.mean(), "logit_fake": lf.mean()}
+        values["disc_gap"] = values["logit_real"] - values["logit_fake"]
+        idx = self.sigma_bins(sigma)
+        binned = torch.zeros(3, self.sigma_bins.num_bins, device=lr.device)
+        binned[0].index_add_(0, idx, (lr - lf).float())
+        binned[1].index_add_(0, idx, disc.detach().float())
+        binned[2].index_add_(0, idx, torch.ones_like(lr, dtype=torch.float32))
+        stats = _host(
+            values,
+            {"disc_gap": binned[[0, 2]], "disc_loss": binned[[1, 2]]},
+        )
         return loss.mean(), stats
 
     def generator_loss(
@@ -187,7 +274,8 @@ class FDistill(nn.Module):
         all come from the same noised student sample. Without the GAN term the features come
         from the denoising passes themselves; with it, only the feature network's encoder runs
         with a graph (the denoised estimates enter the loss detached), so the decoders keep no
-        activations for a backward pass that never reaches them.
+        activations for a backward pass that never reaches them. Statistics include the spread
+        of the weights: ``h_min``, ``h_mean``, ``h_max`` and ``h_cv`` (std / mean).
         """
         x = self.generator(z, cond)
         n = x.shape[0]
@@ -211,10 +299,16 @@ class FDistill(nn.Module):
         loss = distribution_matching_loss(
             x, d_teacher.detach(), d_fake.detach(), h, sigma, self.cfg.weighting
         )
-        stats = {"loss_dm": float(loss.detach().mean())}
+        values = {"loss_dm": loss.detach().mean()}
         if gan:
             g = gan_generator_loss(logit)
             loss = loss + self.cfg.gan_weight * g
-            stats["loss_gan"] = float(g.detach().mean())
-        stats |= {"h_min": float(h.min()), "h_mean": float(h.mean()), "h_max": float(h.max())}
-        return loss.mean(), stats
+            values["loss_gan"] = g.detach().mean()
+        h_mean = h.mean()
+        values |= {
+            "h_min": h.min(),
+            "h_mean": h_mean,
+            "h_max": h.max(),
+            "h_cv": h.std(correction=0) / h_mean.clamp_min(1e-12),
+        }
+        return loss.mean(), _host(values)

@@ -79,12 +79,58 @@ def r1_penalty(logit_real: Tensor, x_real: Tensor) -> Tensor:
     return grad.pow(2).reshape(grad.shape[0], -1).sum(1)
 
 
+RATIO_BINNINGS = {"log-sigma": 8, "linear-sigma": 10}
+"""Noise-level binnings of the ratio normalisation and their default number of bins."""
+
+
+class SigmaBins(nn.Module):
+    """``num_bins`` equal-width noise-level bins over ``[sigma_min, sigma_max]``.
+
+    ``binning="log-sigma"``: equal width in ``log sigma`` (8 bins by default), so every decade of
+    noise gets bins. ``"linear-sigma"``: equal width in ``sigma`` (10 by default), the official
+    code's ``floor((sigma - sigma_min) / width)``. Levels outside the range go to the end bins.
+    Calling it maps ``sigma`` [N] to bin indices [N] (long).
+    """
+
+    def __init__(
+        self,
+        sigma_min: float,
+        sigma_max: float,
+        num_bins: int | None = None,
+        binning: str = "log-sigma",
+    ):
+        super().__init__()
+        if binning not in RATIO_BINNINGS:
+            raise ValueError(
+                f"ratio binning must be one of {', '.join(RATIO_BINNINGS)}, got {binning!r}"
+            )
+        num_bins = RATIO_BINNINGS[binning] if num_bins is None else int(num_bins)
+        if num_bins < 1:
+            raise ValueError(f"ratio bins must be a positive number of bins, got {num_bins}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"sigma range [{sigma_min}, {sigma_max}] must have 0 < min < max")
+        self.binning, self.num_bins = binning, num_bins
+        lo, hi = float(sigma_min), float(sigma_max)
+        if binning == "log-sigma":
+            lo, hi = math.log(lo), math.log(hi)
+        edges = torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64)[1:-1]
+        self.register_buffer("edges", edges.float(), persistent=False)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        s = sigma.detach().float().reshape(-1)
+        if self.binning == "log-sigma":
+            return torch.bucketize(s.log(), self.edges)
+        # right=True: a level on an edge goes to the upper bin, as floor() does.
+        return torch.bucketize(s, self.edges, right=True)
+
+
 class RatioNormalizer(nn.Module):
     """Variance control for the weights ``h(r)`` ("two-stage normalisation").
 
     1. clip ``r`` to ``r_clip``;
-    2. divide ``r`` by its mean over samples in the same noise-level bin (bins equally spaced
-       in ``log sigma``; the bin means optionally smoothed by an EMA kept as a buffer);
+    2. divide ``r`` by its mean over samples in the same noise-level bin (:class:`SigmaBins`:
+       ``binning`` ``"log-sigma"`` or the official ``"linear-sigma"``; the bin means optionally
+       smoothed by an EMA kept as a buffer; a bin's first mean is taken as it is);
     3. compute ``h`` and divide it by its batch mean.
 
     Means are all-reduced across DDP processes, so every rank uses the same normaliser.
@@ -94,24 +140,34 @@ class RatioNormalizer(nn.Module):
         self,
         sigma_min: float,
         sigma_max: float,
-        num_bins: int = 8,
+        num_bins: int | None = None,
         r_clip: tuple[float, float] = (0.1, 20.0),
         ema: float = 0.0,
+        binning: str = "log-sigma",
     ):
         super().__init__()
         if not 0 <= ema < 1:
             raise ValueError(f"ratio EMA must be in [0, 1), got {ema}")
-        lo, hi = math.log(sigma_min), math.log(sigma_max)
-        self.register_buffer("edges", torch.linspace(lo, hi, num_bins + 1)[1:-1])
-        self.register_buffer("bin_mean", torch.ones(num_bins))
-        self.register_buffer("bin_seen", torch.zeros(num_bins, dtype=torch.bool))
+        self.bins = SigmaBins(sigma_min, sigma_max, num_bins, binning)
+        nb = self.bins.num_bins
+        self.register_buffer("bin_mean", torch.ones(nb))
+        self.register_buffer("bin_seen", torch.zeros(nb, dtype=torch.bool))
         self.log_clip = (math.log(r_clip[0]), math.log(r_clip[1]))
         self.ema = ema
+
+    @property
+    def edges(self) -> Tensor:
+        return self.bins.edges
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints before SigmaBins saved the edges; they are derived from the config now.
+        state_dict.pop(prefix + "edges", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def normalize_logr(self, logr: Tensor, sigma: Tensor) -> Tensor:
         """Stages 1-2: clipped log-ratio minus the log of its bin's mean ratio."""
         logr = logr.detach().float().clamp(*self.log_clip)
-        idx = torch.bucketize(sigma.detach().float().log(), self.edges)
+        idx = self.bins(sigma)
         nb = self.bin_mean.numel()
         stats = torch.zeros(2, nb, device=logr.device)
         stats[0].index_add_(0, idx, logr.exp())
@@ -133,7 +189,7 @@ class RatioNormalizer(nn.Module):
     def forward(self, h_fn, logr: Tensor, sigma: Tensor) -> Tensor:
         """Normalised weights: ``h(normalised r)`` divided by its (global) batch mean."""
         h = h_fn(self.normalize_logr(logr, sigma)).float()
-        tot = all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()))]))
+        tot = all_reduce_sum(torch.stack([h.sum(), h.new_tensor(float(h.numel()))]))
         return h / (tot[0] / tot[1]).clamp_min(1e-12)
 
 

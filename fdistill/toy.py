@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from fdistill.critic import DiscriminatorHead
+from fdistill.critic import MultiScaleHead
 from fdistill.denoisers import MLP, EDMPrecond
 from fdistill.distill import FDistill, LossConfig
 from fdistill.divergences import get_divergence
 from fdistill.generator import OneStepGenerator
 from fdistill.metrics import logr_calibration, mean_std, toy_metrics
+from fdistill.runs import atomic_write_text, load_checkpoint
 from fdistill.teachers import GaussianMixture
-from fdistill.training import TrainConfig, atomic_write_text, load_checkpoint, train_distill
+from fdistill.training import TrainConfig, train_distill
 
 
 @dataclass
@@ -72,11 +73,13 @@ def build(cfg: ToyConfig, teacher: GaussianMixture) -> FDistill:
         return EDMPrecond(MLP(teacher.dim, hidden=cfg.hidden, depth=cfg.depth), sigma_data=sd)
 
     params = {"alpha": cfg.alpha} if cfg.alpha is not None else {}
+    fake_score = denoiser()
     return FDistill(
         teacher=_FeaturelessTeacher(teacher),
         generator=OneStepGenerator(denoiser(), sigma_init=cfg.loss.sigma_max),
-        fake_score=denoiser(),
-        head=DiscriminatorHead(cfg.hidden, spatial=False, hidden=cfg.hidden),
+        fake_score=fake_score,
+        # the head reads the fake score's one feature tap, the MLP's last hidden layer
+        head=MultiScaleHead.for_network(fake_score, hidden=cfg.hidden),
         divergence=get_divergence(cfg.divergence, **params),
         cfg=loss_cfg,
     )
@@ -173,8 +176,7 @@ def calibration(model: FDistill, teacher: GaussianMixture, cfg: ToyConfig) -> di
     """
 
     def logr_fn(x, sigma):
-        _, feats = model.fake_score(x, sigma, None, return_features=True)
-        return model.head(feats)
+        return model.head(model.fake_score(x, sigma, None, return_features="only"))
 
     samples = generate(model.generator, 8000, seed=cfg.train.seed + 2)
     sigmas = [s for s in (0.1, 0.3, 1.0, 3.0) if cfg.loss.sigma_min <= s <= cfg.loss.sigma_max]

@@ -1,4 +1,4 @@
-"""UNet raw network: shapes, bottleneck features, conditioning, init and trainability."""
+"""UNet raw network: shapes, feature taps, conditioning, init and trainability."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fdistill.denoisers.base import FeatureMap
 from fdistill.denoisers.edm import EDMLoss, EDMPrecond
 from fdistill.denoisers.unet import UNet
 
@@ -29,7 +30,11 @@ def test_shapes_8x8_gray_default():
     out, feats = net(x, _noise(3), return_features=True)
     assert out.shape == x.shape
     assert (net.feature_channels, net.feature_resolution) == (64, 4)
-    assert feats.shape == (3, 64, 4, 4)
+    assert net.feature_maps() == [
+        FeatureMap("enc8", 32, 8), FeatureMap("enc4", 64, 4), FeatureMap("mid", 64, 4),
+    ]  # fmt: skip
+    assert net.feature_taps == ("enc8", "enc4")
+    assert [f.shape for f in feats] == [(3, 32, 8, 8), (3, 64, 4, 4)]
 
 
 def test_shapes_16x16_rgb_with_attention_and_classes():
@@ -42,10 +47,15 @@ def test_shapes_16x16_rgb_with_attention_and_classes():
     # Encoder 1 + decoder 2 blocks at 8x8, plus the middle block.
     assert len(attn) == 4
     x = torch.randn(2, 3, 16, 16)
+    net.set_feature_taps(["enc16", "enc8", "enc4", "mid"])
     out, feats = net(x, _noise(2), torch.tensor([3, 9]), return_features=True)
     assert out.shape == (2, 6, 16, 16)
-    assert feats.shape == (2, net.feature_channels, 4, 4) == (2, 48, 4, 4)
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 24, 16, 16), (2, 48, 8, 8), (2, 48, 4, 4), (2, net.feature_channels, 4, 4),
+    ]  # fmt: skip
     assert net.feature_resolution == 4
+    with pytest.raises(ValueError, match="valid: enc16, enc8, enc4, mid"):
+        net.set_feature_taps(["enc2"])
 
 
 def test_bad_resolution_raises():
@@ -53,32 +63,73 @@ def test_bad_resolution_raises():
         UNet(10, 1, channel_mult=(1, 2, 2))
 
 
-def test_features_are_the_decoder_input_from_one_pass():
+def _tap_hooks(net: UNet, seen: dict, calls: list) -> None:
+    """Record, by forward hooks, the output of the last encoder block of each level, of the
+    middle blocks, and which later modules run. Level l's last block is enc[l*(1+nb)+nb-1]
+    for nb blocks per level (a downsampling block starts every level after the first)."""
+    nb, levels = 1, 2
+
+    def keep(name):
+        return lambda m, a, out: seen.__setitem__(name, out)
+
+    for level in range(levels):
+        net.enc[level * (1 + nb) + nb - 1].register_forward_hook(keep(f"enc{8 >> level}"))
+    net.mid[-1].register_forward_hook(keep("mid"))
+    for name, mod in [("conv_in", net.conv_in), ("down", net.enc[nb]), ("mid0", net.mid[0])]:
+        mod.register_forward_hook(lambda m, a, out, name=name: calls.append(name))
+    for i, blk in enumerate(net.dec):
+        blk.register_forward_hook(lambda m, a, out, i=i: calls.append(f"dec{i}"))
+    net.conv_out.register_forward_hook(lambda m, a, out: calls.append("conv_out"))
+
+
+def test_features_are_the_tapped_maps_from_one_pass():
     torch.manual_seed(0)
     net = UNet(8, 1, num_classes=3).eval()
     _perturb(net)
-    seen = {}
-    calls = []
-
-    def mid_hook(module, args, output):
-        seen["mid_out"] = output
-
-    def dec_hook(module, args):
-        seen["dec_in"] = args[0]
-
-    def count_hook(module, args, output):
-        calls.append(1)
-
-    net.mid[-1].register_forward_hook(mid_hook)
-    net.dec[0].register_forward_pre_hook(dec_hook)
-    net.conv_in.register_forward_hook(count_hook)
-    x, c = torch.randn(4, 1, 8, 8), _noise(4)
-    out, feats = net(x, c, torch.tensor([0, 1, 2, 0]), return_features=True)
-    assert len(calls) == 1
-    assert feats is seen["mid_out"]
+    seen, calls = {}, []
+    _tap_hooks(net, seen, calls)
+    dec_in = {}
+    net.dec[0].register_forward_pre_hook(lambda m, args: dec_in.__setitem__("x", args[0]))
+    x, c, y = torch.randn(4, 1, 8, 8), _noise(4), torch.tensor([0, 1, 2, 0])
+    net.set_feature_taps(["enc8", "enc4", "mid"])
+    out, feats = net(x, c, y, return_features=True)
+    assert calls.count("conv_in") == 1
+    assert all(f is seen[n] for f, n in zip(feats, ["enc8", "enc4", "mid"], strict=True))
     # The first decoder block sees [bottleneck, encoder skip] concatenated on channels.
-    assert torch.equal(seen["dec_in"][:, : net.feature_channels], feats)
-    assert torch.equal(out, net(x, c, torch.tensor([0, 1, 2, 0])))
+    assert torch.equal(dec_in["x"][:, : net.feature_channels], feats[2])
+    assert torch.equal(out, net(x, c, y))
+    # The old single-map behaviour: only the bottleneck.
+    net.set_feature_taps(["mid"])
+    (mid,) = net(x, c, y, return_features=True)[1]
+    assert torch.equal(mid, feats[2])
+
+
+@pytest.mark.parametrize(
+    ("taps", "ran", "skipped"),
+    [
+        (["enc8"], ["conv_in"], ["down", "mid0"]),
+        (["enc8", "enc4"], ["conv_in", "down"], ["mid0"]),
+        (["enc4", "mid"], ["conv_in", "down", "mid0"], []),
+    ],
+)
+def test_features_only_stops_after_the_deepest_tap(taps, ran, skipped):
+    torch.manual_seed(0)
+    net = UNet(8, 1).eval()
+    _perturb(net)
+    seen, calls = {}, []
+    _tap_hooks(net, seen, calls)
+    net.set_feature_taps(taps)
+    x, c = torch.randn(2, 1, 8, 8), _noise(2)
+    feats = net(x, c, return_features="only")
+    assert all(f is seen[n] for f, n in zip(feats, taps, strict=True))
+    assert all(name in calls for name in ran), calls
+    assert not any(name in calls for name in skipped), calls
+    assert not any(name.startswith("dec") or name == "conv_out" for name in calls), calls
+    # Same maps as the full pass.
+    calls.clear()
+    _, full = net(x, c, return_features=True)
+    assert all(torch.equal(a, b) for a, b in zip(feats, full, strict=True))
+    assert "conv_out" in calls
 
 
 def test_zero_init_output_makes_precond_the_skip_path():
@@ -142,7 +193,7 @@ def test_gradients_reach_every_parameter():
     _perturb(net)
     x = torch.randn(4, 1, 8, 8)
     out, feats = net(x, _noise(4), torch.tensor([0, 1, 2, 1]), return_features=True)
-    (out.square().mean() + feats.mean()).backward()
+    (out.square().mean() + sum(f.mean() for f in feats)).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import Features
+from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps
 from fdistill.denoisers.unet import FourierEmbedding
 
 
-class MLP(nn.Module):
+class MLP(FeatureTaps, nn.Module):
     """Raw network ``net(x, c_noise, cond, return_features)`` for vectors ``x`` of shape [N, D].
 
-    Wrap it in :class:`~fdistill.denoisers.EDMPrecond` to get a denoiser. ``features`` are
-    the last hidden activations, shape [N, hidden], for a discriminator head.
+    Wrap it in :class:`~fdistill.denoisers.EDMPrecond` to get a denoiser. Its one feature tap,
+    ``hidden``, is the last hidden activation [N, hidden]; ``return_features=True`` gives
+    ``(out, [hidden])``, ``"only"`` gives ``[hidden]`` without the output layer.
     """
 
     def __init__(
@@ -32,6 +33,9 @@ class MLP(nn.Module):
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
+    def feature_maps(self) -> list[FeatureMap]:
+        return [FeatureMap("hidden", self.hidden, 0)]
+
     def forward(
         self,
         x: Tensor,
@@ -47,6 +51,6 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = h + block(h + e)
         if return_features == "only":
-            return h
+            return [h]
         out = self.out(h).reshape(x.shape)
-        return (out, h) if return_features else out
+        return (out, [h]) if return_features else out

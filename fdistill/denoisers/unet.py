@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import Features
+from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps
 
 
 def _groups(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
@@ -141,7 +141,7 @@ class ResBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(FeatureTaps, nn.Module):
     """Raw network ``net(x, c_noise, cond=None, return_features=False)`` for images [N, C, H, W].
 
     Args:
@@ -158,11 +158,18 @@ class UNet(nn.Module):
         label_dropout: probability, in training mode, of replacing a sample's label by null.
         embedding: ``"positional"`` (DDPM++) or ``"fourier"`` (NCSN++) noise embedding.
 
-    ``cond`` is ignored when ``num_classes == 0``. With ``return_features=True`` the call returns
-    ``(out, feats)``: ``feats`` [N, feature_channels, feature_resolution, feature_resolution] is
-    the bottleneck (output of the middle blocks, the tensor the decoder starts from), taken from
-    the same forward pass. The final convolution is zero-initialised, so a fresh network outputs
-    exactly zero and ``EDMPrecond`` starts as ``D(x, sigma) = c_skip * x``.
+    ``cond`` is ignored when ``num_classes == 0``. Discriminator features follow
+    :class:`~fdistill.denoisers.base.FeatureTaps`: the taps are ``enc<R>`` for every encoder
+    resolution ``R`` (the output of the last encoder block at that resolution, before the
+    downsampling block; ``conv_in``'s output if a level has no blocks) and ``mid`` (the
+    bottleneck after the middle blocks, the tensor the decoder starts from, of shape
+    ``[N, feature_channels, feature_resolution, feature_resolution]``). The default selection
+    is every ``enc*`` tap; ``set_feature_taps(["mid"])`` gives the single bottleneck map.
+    ``return_features=True`` returns ``(out, feats)`` with ``feats`` the list of selected maps
+    (shallow to deep) from the same forward pass; ``"only"`` returns ``feats`` and stops right
+    after the deepest selected tap (no decoder; no lower levels for taps at high resolution).
+    The final convolution is zero-initialised, so a fresh network outputs exactly zero and
+    ``EDMPrecond`` starts as ``D(x, sigma) = c_skip * x``.
     """
 
     def __init__(
@@ -219,16 +226,25 @@ class UNet(nn.Module):
         self.enc = nn.ModuleList()
         skips = [model_channels]
         c = model_channels
+        # _enc_taps[i] names the tap taken after step i of the encoder (0: conv_in, i: enc[i-1]).
+        self._enc_taps: list[str | None] = [None]
+        maps = []
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level > 0:
                 self.enc.append(ResBlock(c, c, resample="down", **block))
                 skips.append(c)
+                self._enc_taps.append(None)
             for _ in range(num_blocks):
                 cout = model_channels * mult
                 self.enc.append(ResBlock(c, cout, attention=res in attn_res, **block))
                 c = cout
                 skips.append(c)
+                self._enc_taps.append(None)
+            self._enc_taps[-1] = f"enc{res}"
+            maps.append(FeatureMap(f"enc{res}", c, res))
+        maps.append(FeatureMap("mid", c, img_resolution >> (levels - 1)))
+        self._maps = tuple(maps)
 
         self.mid = nn.ModuleList(
             [ResBlock(c, c, attention=mid_attention, **block), ResBlock(c, c, **block)]
@@ -270,32 +286,46 @@ class UNet(nn.Module):
             emb = emb + self.map_label(y * math.sqrt(self.num_classes))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
+    def feature_maps(self) -> list[FeatureMap]:
+        """Every tap: ``enc<R>`` per encoder resolution (high to low), then ``mid``."""
+        return list(self._maps)
+
     def forward(
         self,
         x: Tensor,
         c_noise: Tensor,
         cond: Tensor | None = None,
         return_features: Features = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``out`` [N, out_channels, H, W], ``(out, feats)`` with the bottleneck features, or
-        ``feats`` alone for ``return_features="only"`` (the decoder is not run)."""
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | list[Tensor]:
+        """``out`` [N, out_channels, H, W]; ``(out, feats)`` with the selected feature maps; or
+        ``feats`` alone for ``return_features="only"`` (stops after the deepest selected tap)."""
+        want = self.feature_taps if return_features else ()
+        last = want[-1] if return_features == "only" else None
+        got: dict[str, Tensor] = {}
         emb = self.embed(c_noise.reshape(-1).expand(x.shape[0]), cond).to(x.dtype)
         h = self.conv_in(x)
         skips = [h]
-        for blk in self.enc:
-            h = blk(h, emb)
-            skips.append(h)
+        for i, blk in enumerate((None, *self.enc)):
+            if blk is not None:
+                h = blk(h, emb)
+                skips.append(h)
+            name = self._enc_taps[i]
+            if name in want:
+                got[name] = h
+                if name == last:
+                    return [got[n] for n in want]
         for blk in self.mid:
             h = blk(h, emb)
-        feats = h
-        if return_features == "only":
-            return feats
+        if "mid" in want:
+            got["mid"] = h
+            if last == "mid":
+                return [got[n] for n in want]
         for blk in self.dec:
             if blk.resample != "up":
                 h = torch.cat([h, skips.pop()], dim=1)
             h = blk(h, emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return (out, feats) if return_features else out
+        return (out, [got[n] for n in want]) if return_features else out
 
 
 __all__ = ["UNet"]
