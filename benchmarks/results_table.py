@@ -67,8 +67,8 @@ from fdistill.pipeline import (
     sample_seeds,
     train_teacher_run,
 )
+from fdistill.runs import CHECKPOINT, atomic_write_text, load_checkpoint
 from fdistill.samplers import steps_for_nfe
-from fdistill.training import CHECKPOINT, atomic_write_text, load_checkpoint
 
 DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
 TEACHER_NFES = (1, 2, 4, 8, 18, 35)

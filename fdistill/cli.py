@@ -23,7 +23,29 @@ def _divergence_list(text: str) -> list[str]:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected names separated by commas")
+    return names
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LO,HI (e.g. 0,1 or -1,1), got {text!r}"
+        ) from None
+    return lo, hi
 
 
 def add_toy(sub: argparse._SubParsersAction) -> None:
@@ -90,6 +112,9 @@ def run_toy(args: argparse.Namespace) -> int:
     if args.no_normalize:
         loss["normalize"] = False
     cfg = replace(cfg, train=replace(cfg.train, **train), loss=replace(cfg.loss, **loss))
+    from fdistill.pipeline import validate_loop
+
+    validate_loop(cfg.train)
     if args.start_modes is not None:
         cfg = replace(cfg, start_modes=args.start_modes)
     if args.weight_spread is not None:
@@ -121,14 +146,23 @@ def _add_loop_options(p: argparse.ArgumentParser, out: str) -> None:
     )
     p.add_argument("--batch", type=int, help="global batch, split over torchrun processes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out exactly (its options must be repeated; see README)",
+    )
+    p.add_argument(
+        "--resume-or-start",
+        action="store_true",
+        help="like --resume, but start a new run when --out holds none",
+    )
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--grid-every", type=int, help="steps between sample grids (0: none)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA; no-op on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA; no-op on CPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the networks")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
@@ -146,11 +180,38 @@ def _loop_values(args: argparse.Namespace) -> dict:
     ) | {"bf16": args.bf16, "compile": args.compile, "progress": not args.no_progress}
 
 
+def _check_outputs(*pairs: tuple[str, str | None]) -> None:
+    """Refuse unwritable output files before any work starts."""
+    from fdistill.fsutil import check_writable
+
+    for flag, path in pairs:
+        if path:
+            check_writable(path, flag, is_file=True)
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def _add_data_options(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--data",
+        default=default,
+        help="digits, mnist, a folder (class subfolders), .npz or EDM .zip"
+        + ("" if default else " (default: a teacher run's own data)"),
+    )
+    p.add_argument("--resolution", type=int, help="resize images to this size")
+    p.add_argument("--max-images", type=int, help="use the first N images")
+    p.add_argument(
+        "--range",
+        dest="value_range",
+        type=_range,
+        metavar="LO,HI",
+        help="value range of float image arrays (mapped to [-1, 1]); uint8 needs none",
+    )
 
 
 def add_train_teacher(sub: argparse._SubParsersAction) -> None:
@@ -161,9 +222,7 @@ def add_train_teacher(sub: argparse._SubParsersAction) -> None:
         "Writes checkpoint.pt, config.json, metrics.jsonl and grids/*.png into --out. Runs as "
         "one process or under torchrun (DDP).",
     )
-    p.add_argument("--data", default="digits", help="digits, mnist, a folder, .npz or EDM .zip")
-    p.add_argument("--resolution", type=int, help="resize images to this size")
-    p.add_argument("--max-images", type=int)
+    _add_data_options(p, default="digits")
     p.add_argument("--arch", choices=("unet", "mlp"), default="unet")
     p.add_argument("--channels", type=int, help="UNet base channels / MLP hidden width")
     p.add_argument("--channel-mult", type=_int_list, metavar="M1,M2,...", help="UNet levels")
@@ -205,6 +264,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         data=args.data,
         resolution=args.resolution,
         max_images=args.max_images,
+        value_range=args.value_range,
         arch=args.arch,
         model=model,
         conditional=not args.unconditional,
@@ -213,7 +273,9 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         **_given(grid_every=args.grid_every),
     )
     _set_threads(args)
-    res = pipeline.train_teacher_run(cfg, args.out, resume=args.resume)
+    res = pipeline.train_teacher_run(
+        cfg, args.out, resume=args.resume or args.resume_or_start, start_fresh=args.resume_or_start
+    )
     print(f"teacher: {res.steps} steps in {res.seconds:.0f} s -> {res.out}")
     return 0
 
@@ -223,12 +285,17 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "distill",
-        help="distil a teacher run into a one-step generator",
+        help="distil a teacher into a one-step generator",
         description="f-distill: a one-step student and a fake score initialised from the "
-        "teacher, a discriminator head for the density ratio, h-weighted distribution "
+        "teacher, discriminator heads for the density ratio, h-weighted distribution "
         "matching + GAN loss. Writes checkpoint.pt, config.json, metrics.jsonl, grids/.",
     )
-    p.add_argument("--teacher", required=True, help="teacher run folder or checkpoint file")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="an fdistill teacher run or export, an NVlabs EDM .pkl, or a diffusers folder",
+    )
+    _add_data_options(p, default=None)
     p.add_argument("--divergence", default="js", choices=NAMES, help="f-divergence (default js)")
     p.add_argument("--alpha", type=float, help="alpha for --divergence alpha")
     p.add_argument(
@@ -249,6 +316,24 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
         choices=("teacher", "fake"),
         help="discriminator on the frozen teacher encoder (official, default) or on the "
         "fake-score encoder, trained with it (DMD2)",
+    )
+    p.add_argument(
+        "--disc-taps",
+        type=_name_list,
+        metavar="T1,T2,...",
+        help="feature maps the discriminator heads read, e.g. enc32,enc16,enc8 or mid "
+        "(default: every encoder resolution; `fdistill inspect` lists a teacher's maps)",
+    )
+    p.add_argument(
+        "--ratio-binning",
+        choices=("linear-sigma", "log-sigma"),
+        help="noise-level bins of the ratio normalisation (official: linear-sigma)",
+    )
+    p.add_argument("--ratio-bins", type=int, help="number of noise-level bins")
+    p.add_argument(
+        "--fake-weighting",
+        choices=("none", "edm"),
+        help="fake-score loss: unweighted x0 error (official) or EDM's lambda weighting",
     )
     p.add_argument("--head-hidden", type=int, help="discriminator head width")
     p.add_argument("--no-normalize", action="store_true", help="no two-stage normalisation")
@@ -273,6 +358,9 @@ def run_distill(args: argparse.Namespace) -> int:
             r1_gamma=args.r1_gamma,
             guidance=args.guidance,
             disc_features=args.disc_features,
+            ratio_binning=args.ratio_binning,
+            ratio_bins=args.ratio_bins,
+            fake_weighting=args.fake_weighting,
         ),
     )
     if args.no_normalize:
@@ -285,10 +373,20 @@ def run_distill(args: argparse.Namespace) -> int:
         device=args.device,
         loss=loss,
         train=train,
-        **_given(grid_every=args.grid_every, head_hidden=args.head_hidden),
+        **_given(
+            grid_every=args.grid_every,
+            head_hidden=args.head_hidden,
+            data=args.data,
+            resolution=args.resolution,
+            max_images=args.max_images,
+            value_range=args.value_range,
+            disc_taps=args.disc_taps,
+        ),
     )
     _set_threads(args)
-    res = pipeline.distill_run(cfg, args.out, resume=args.resume)
+    res = pipeline.distill_run(
+        cfg, args.out, resume=args.resume or args.resume_or_start, start_fresh=args.resume_or_start
+    )
     print(f"distill ({cfg.divergence}): {res.steps} steps in {res.seconds:.0f} s -> {res.out}")
     return 0
 
@@ -301,7 +399,9 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
         "--seed and i, never on --batch. Teachers use deterministic Heun with --nfe calls.",
     )
     p.add_argument(
-        "--ckpt", required=True, help="run folder (latest checkpoint) or checkpoint file"
+        "--ckpt",
+        required=True,
+        help="run folder, checkpoint file, export folder, or any teacher (EDM .pkl, diffusers)",
     )
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
@@ -325,6 +425,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if not args.grid and not args.out:
         raise ValueError("nothing to write: pass --grid PNG and/or --out NPZ")
+    _check_outputs(("--out", args.out), ("--grid", args.grid))
     _set_threads(args)
     run = pipeline.load_run(args.ckpt, args.device, ema=not args.raw)
     t0 = time.perf_counter()
@@ -393,8 +494,9 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from fdistill import evaluation
-    from fdistill.training import atomic_write_text
+    from fdistill.runs import atomic_write_text
 
+    _check_outputs(("--out", args.out))
     _set_threads(args)
     inception = False if args.inception == "none" else args.inception
     res = evaluation.evaluate_source(
@@ -443,6 +545,7 @@ def run_ref_stats(args: argparse.Namespace) -> int:
     from fdistill.evaluation import reference_stats
     from fdistill.metrics import save_stats
 
+    _check_outputs(("--out", args.out))
     _set_threads(args)
     mu, sigma = reference_stats(
         args.data,
@@ -492,12 +595,74 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="what a teacher, run or export is: family, architecture, shape, classes, sigmas",
+        description="Load a teacher (fdistill run or export, NVlabs EDM pickle, diffusers "
+        "folder) or a student run/export and print what fdistill knows about it.",
+    )
+    p.add_argument("path", help="a teacher, run folder, checkpoint or export folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from fdistill import pipeline
+
+    info = pipeline.describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(args.path)
+    for k, v in info.items():
+        text = json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)
+        if len(text) > 200:
+            text = text[:197] + "..."
+        print(f"  {k:18s} {text}")
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's network as safetensors + config.json (no teacher needed to load it)",
+        description="Export the EMA generator of a distillation run (or a teacher run's "
+        "denoiser) as model.safetensors with a config.json beside it; sample, eval and "
+        "load_run read the folder without the run or its teacher.",
+    )
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--out", required=True, help="export folder to create")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fdistill import pipeline
+
+    out = pipeline.export_run(args.run, args.out, ema=not args.raw)
+    print(f"exported {args.run} -> {out}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fdistill: error: ...``, exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"fdistill: error: {self.prog.removeprefix('fdistill ')}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fdistill",
         description="One-step diffusion distillation by f-divergence distribution matching.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (also FDISTILL_DEBUG=1)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_toy(sub)
     add_train_teacher(sub)
     add_distill(sub)
@@ -505,20 +670,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_ref_stats(sub)
     add_demo(sub)
+    add_inspect(sub)
+    add_export(sub)
     return parser
 
 
+# Failures a user can cause and fix: reported as one line, exit code 2.
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, KeyError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     from fdistill.training import NonFiniteError
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("FDISTILL_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except NonFiniteError as e:
-        print(f"fdistill: error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fdistill: error: {e}", file=sys.stderr)
+    except (NonFiniteError, *_USER_ERRORS) as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, KeyError):
+            msg = f"missing entry {msg} (a file is not in the expected format; --debug shows where)"
+        print(f"fdistill: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if debug:
+            raise
+        print(
+            f"fdistill: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
+        )
         return 2
 
 

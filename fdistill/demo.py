@@ -35,7 +35,13 @@ from fdistill.pipeline import (
     sample_seeds,
     train_teacher_run,
 )
-from fdistill.training import CHECKPOINT, atomic_write_text, load_checkpoint
+from fdistill.runs import (
+    CHECKPOINT,
+    atomic_write_text,
+    load_checkpoint,
+    option_differences,
+    read_config,
+)
 
 
 @dataclass
@@ -66,14 +72,8 @@ def cached_teacher(out: Path, tcfg: TeacherConfig) -> str:
     """``"reuse"``, ``"resume"`` (same options, fewer steps done) or ``"train"``."""
     if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
         return "train"
-
-    def options(opts: dict) -> dict:  # what the teacher depends on, besides its length
-        train = {k: v for k, v in opts["train"].items() if k not in ("steps", "progress")}
-        return opts | {"train": train}
-
-    saved = json.loads((out / "config.json").read_text())["options"]
-    want = json.loads(json.dumps(asdict(tcfg), default=str))  # tuples become lists, as saved
-    if options(saved) != options(want):
+    saved = read_config(out).get("options", {})
+    if option_differences(saved, asdict(tcfg)):  # differs beyond length, logging, grids
         return "train"
     return "reuse" if load_checkpoint(out)["step"] >= tcfg.train.steps else "resume"
 

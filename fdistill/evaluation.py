@@ -28,7 +28,7 @@ from fdistill.metrics.fid import feature_stats, frechet_distance_from_stats, loa
 from fdistill.metrics.inception import InceptionFeatures, find_inception
 from fdistill.metrics.knn import knn_precision_recall
 from fdistill.pipeline import LoadedRun, load_run, sample_run
-from fdistill.training import CHECKPOINT
+from fdistill.runs import CHECKPOINT
 
 DEFAULT_TEACHER_NFE = 35
 _DATA_SUFFIXES = (".npz", ".zip")
@@ -54,7 +54,7 @@ def open_source(spec: str | os.PathLike, device: str = "cpu") -> LoadedRun | Ima
     files and other folders are data; any other file is read as a checkpoint.
     """
     if isinstance(spec, str) and spec in BUILTIN_DATASETS:
-        return load_dataset(spec)
+        return load_dataset(spec, labels=False)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--ckpt: no such file or folder '{spec}'; pass {_SOURCES}")
@@ -62,7 +62,7 @@ def open_source(spec: str | os.PathLike, device: str = "cpu") -> LoadedRun | Ima
         path.is_file() and path.suffix.lower() not in _DATA_SUFFIXES
     ):
         return load_run(path, device)
-    return load_dataset(path)
+    return load_dataset(path, labels=False)  # samples: their labels are never measured
 
 
 def _teacher_config(path: str) -> dict | None:
@@ -72,7 +72,7 @@ def _teacher_config(path: str) -> dict | None:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     if p.is_file():
-        from fdistill.training import load_checkpoint
+        from fdistill.runs import load_checkpoint
 
         return load_checkpoint(p)["config"]
     return None
@@ -97,6 +97,7 @@ def recorded_reference(run: LoadedRun) -> dict[str, Any] | None:
         "spec": str(opts["data"]),
         "resolution": opts.get("resolution"),
         "max_images": opts.get("max_images"),
+        "value_range": opts.get("value_range"),
     }
 
 
@@ -109,7 +110,7 @@ def load_reference(
     no run, or the run records none).
     """
     if ref is not None:
-        spec, max_images = str(ref), None
+        spec, max_images, value_range = str(ref), None, None
         if spec not in BUILTIN_DATASETS and not Path(spec).exists():
             raise FileNotFoundError(
                 f"--ref: no such data set '{spec}'; pass digits, mnist, a folder, .npz or .zip"
@@ -119,12 +120,17 @@ def load_reference(
         if rec is None:
             return None, None
         spec, max_images = rec["spec"], rec["max_images"]
+        value_range = tuple(rec["value_range"]) if rec.get("value_range") else None
         if spec not in BUILTIN_DATASETS and not Path(spec).exists():
             raise FileNotFoundError(
                 f"the run's training data '{spec}' (recorded in its config) is not found from "
                 "here; pass the reference with --ref"
             )
-    return load_dataset(spec, resolution, max_images=max_images), spec
+    labels = run is None or run.num_classes > 0  # class frequencies of the real data
+    ds = load_dataset(
+        spec, resolution, max_images=max_images, labels=labels, value_range=value_range
+    )
+    return ds, spec
 
 
 def default_classifier(ref_spec: str | None) -> str | None:
@@ -176,7 +182,7 @@ def reference_stats(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inception ``mu, sigma`` of a data set's first ``n`` images (all by default), to save
     with :func:`fdistill.metrics.save_stats` and evaluate against later (``--ref-stats``)."""
-    ds = load_dataset(data, resolution, max_images=n)
+    ds = load_dataset(data, resolution, max_images=n, labels=False)
     try:
         detector = _detector(inception, num_features)
     except FileNotFoundError as e:

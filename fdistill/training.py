@@ -20,20 +20,23 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from fdistill.rng import BatchRandom, RandomSource
-
-CHECKPOINT = "checkpoint.pt"
+from fdistill.runs import (
+    CHECKPOINT,
+    atomic_save,
+    load_checkpoint,
+    trim_metrics,
+    write_config,
+)
 
 
 # --------------------------------------------------------------------------- processes
@@ -121,57 +124,6 @@ class EMA:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
-    """Write through ``write`` to a temporary file in the same folder, fsync, rename over
-    ``path``: a kill leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` atomically (temporary file + rename)."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically (temporary file + rename)."""
-    _atomic_write(path, "w", lambda f: f.write(text))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint file; clear error otherwise."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at '{path}': pass a run folder written by fdistill "
-            f"(containing {CHECKPOINT}) or a checkpoint file"
-        )
-    return p
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    return torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=True)
-
-
 Generators = dict[str, torch.Generator | BatchRandom]
 
 
@@ -479,10 +431,9 @@ class _Run:
             start = restore_run(load_checkpoint(out), self.objects, self.gens, ddp)
             if ddp.main:
                 print(f"resumed from {out / CHECKPOINT} at step {start}")
-        elif resume and ddp.main:
-            print(f"note: nothing to resume in {out}; starting a new run")
         if out is not None and ddp.main:
-            atomic_write_text(json.dumps(self.config, indent=2, default=str), out / "config.json")
+            trim_metrics(out, start)  # steps logged after the checkpoint are logged again
+            write_config(out, self.config)
         if ddp.main:
             for flag, ok in (
                 ("bf16", bf16_supported(ddp.device)),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdistill.cli import main
-from fdistill.training import load_checkpoint
+from fdistill.runs import load_checkpoint
 
 TINY = ["--batch", "8", "--channels", "8", "--no-progress", "--seed", "3", "--device", "cpu"]
 
@@ -83,4 +83,4 @@ def test_resume_refuses_another_teacher(tmp_path, capsys):
     _teacher(teacher, 2, "--grid-every", "0", "--resume")  # the teacher moves on
     args = ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--resume"]
     assert main([*args, "--steps", "2", "--no-progress", "--device", "cpu"]) == 2
-    assert "teacher step" in capsys.readouterr().err
+    assert "; teacher: " in capsys.readouterr().err.replace("(", "; ")

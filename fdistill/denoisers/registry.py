@@ -72,4 +72,22 @@ def copy_denoiser(denoiser: nn.Module, inference: bool = True) -> nn.Module:
     return new
 
 
+@register_model("unet")
+@register_model("mlp")
+def _build_own(config: dict) -> nn.Module:
+    """fdistill's own networks (``fdistill train-teacher``) behind EDM preconditioning."""
+    from fdistill.denoisers.edm import EDMPrecond
+    from fdistill.denoisers.mlp import MLP
+    from fdistill.denoisers.unet import UNet
+
+    cfg = dict(config)
+    kind = cfg.pop("type")
+    sigma_data = cfg.pop("sigma_data", 0.5)
+    try:
+        net = {"unet": UNet, "mlp": MLP}[kind](**cfg)
+    except TypeError as e:
+        raise ValueError(f"bad {kind} model config {cfg}: {e}") from None
+    return EDMPrecond(net, sigma_data=sigma_data)
+
+
 __all__ = ["build_denoiser", "copy_denoiser", "inference_config", "register_model"]

@@ -81,7 +81,14 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
     """`torch.jit.load` onto the CPU in eval mode, without TorchScript's deprecation warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is deprecated", category=Warning)
-        module = torch.jit.load(str(path), map_location="cpu")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"--inception {path} is not a TorchScript Inception-v3 file ({first}); pass "
+                "inception-2015-12-05.pt"
+            ) from None
     return module.eval()
 
 

@@ -1,0 +1,349 @@
+"""The run folder: the one module that reads and writes it.
+
+A run folder holds ``checkpoint.pt`` (weights, EMA, optimisers, RNG states, step and the full
+config), ``config.json`` (the same config, readable), ``metrics.jsonl`` and ``grids/``. An
+*export* folder holds one network as ``model.safetensors`` with a ``config.json`` beside it
+(diffusers style), readable without the run or its teacher.
+
+Everything that touches these files lives here: atomic writes (temp file + fsync + rename),
+clean-up of temp files an interrupted write left behind, checkpoint loading with one-line
+errors, the strict comparison of a saved run's options with a resumed command's, trimming the
+metrics log to the checkpoint on resume, and export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import IO
+
+import torch
+from torch import Tensor, nn
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_FORMAT = "fdistill-export"
+_TMP_SUFFIX = ".tmp"
+
+# Options of a training command that may change on --resume (they do not change what is
+# trained); every other option must equal the saved one.
+RESUMABLE_OPTIONS = (
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.progress",
+    "train.compile",
+    "grid_every",
+    "grid_n",
+    "grid_nfe",
+    "device",
+)
+
+
+# --------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
+    """Write through ``write`` to a temporary file in the same folder, fsync, rename over
+    ``path``: a kill leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` atomically (temporary file + rename)."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically (temporary file + rename)."""
+    _atomic_write(path, "w", lambda f: f.write(text))
+
+
+def clean_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temp files that writes killed mid-way left in ``folder``; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*{_TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# --------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint) or a checkpoint file; clear error otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at '{path}': pass a run folder written by fdistill "
+            f"(containing {CHECKPOINT}) or a checkpoint file"
+        )
+    return p
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` looks like a ``torch.save`` archive (cheap; never raises)."""
+    try:
+        return path.is_file() and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load an fdistill checkpoint safely (``weights_only``); one-line errors naming the file."""
+    p = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in first or "Unsupported global" in str(e):
+            raise ValueError(
+                f"{p}: refused to load: it holds Python objects beyond tensors, which a "
+                "checkpoint written by fdistill never does (nothing from it was run)"
+            ) from None
+        raise ValueError(f"{p} is not an fdistill checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{p} is truncated or not an fdistill checkpoint ({msg})") from None
+    if not isinstance(ckpt, dict) or not {"config", "state", "step"} <= set(ckpt):
+        raise ValueError(f"{p} is a torch file but not an fdistill checkpoint")
+    return ckpt
+
+
+# --------------------------------------------------------------------------- configs
+def read_config(out: str | Path) -> dict:
+    """The ``config.json`` of a run or export folder."""
+    path = Path(out) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG} in '{out}'") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def write_config(out: str | Path, config: Mapping) -> None:
+    atomic_write_text(json.dumps(config, indent=2, default=str) + "\n", Path(out) / CONFIG)
+
+
+def as_json(obj):
+    """``obj`` as it reads back from JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            flat |= _flatten(v, key + ".")
+        else:
+            flat[key] = v
+    return flat
+
+
+def option_differences(
+    saved: Mapping, now: Mapping, resumable: Iterable[str] = RESUMABLE_OPTIONS
+) -> list[str]:
+    """``key: saved -> now`` for every option that differs and may not change on resume."""
+    a, b = _flatten(as_json(saved)), _flatten(as_json(now))
+    free = set(resumable)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in free or a.get(k, "<unset>") == b.get(k, "<unset>"):
+            continue
+        out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    return out
+
+
+def prepare_out(out: str | Path, resume: bool, start_fresh: bool = False) -> dict | None:
+    """Check ``out`` before a run starts; return the saved config when resuming.
+
+    Without ``resume``, a folder that already holds a run is refused. With it, a folder with
+    nothing saved is an error unless ``start_fresh`` (``--resume-or-start``). Temp files left
+    by an interrupted write are removed either way.
+    """
+    out = Path(out)
+    clean_temp_files(out)
+    has = (out / CHECKPOINT).is_file()
+    if has and not resume:
+        raise ValueError(
+            f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it "
+            "or choose another --out"
+        )
+    if not has:
+        if resume and not start_fresh:
+            raise ValueError(
+                f"--resume: nothing to resume in {out} (no {CHECKPOINT}); drop --resume, or "
+                "pass --resume-or-start to start a new run when none is saved"
+            )
+        return None
+    return load_checkpoint(out)["config"]
+
+
+def check_resume(saved_options: Mapping, now_options: Mapping, out: str | Path) -> None:
+    """Stop with one line listing each option that differs from the saved run's."""
+    diffs = option_differences(saved_options, now_options)
+    if diffs:
+        raise ValueError(
+            f"--resume: {out} was trained with other options; repeat them or choose another "
+            f"--out ({'; '.join(diffs)})"
+        )
+
+
+def merge_resumable(saved_options: Mapping, now_options: Mapping) -> dict:
+    """The options a resumed run actually uses: saved ones, with the resumable ones updated."""
+    merged = as_json(saved_options)
+    now = as_json(now_options)
+    for key in RESUMABLE_OPTIONS:
+        parts = key.split(".")
+        src, dst = now, merged
+        for p in parts[:-1]:
+            src, dst = src.get(p, {}), dst.setdefault(p, {})
+        if parts[-1] in src:
+            dst[parts[-1]] = src[parts[-1]]
+    return merged
+
+
+def trim_metrics(out: str | Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` records after ``step`` (written after the checkpoint a resumed
+    run restarts from), so every step appears exactly once."""
+    path = Path(out) / METRICS
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    atomic_write_text("".join(f"{line}\n" for line in keep), path)
+
+
+# --------------------------------------------------------------------------- digests
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents), hex."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def tensor_digest(*tensors: Tensor | None) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes (None counts as absent)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- export
+def is_export(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p.is_dir() and (p / EXPORT_WEIGHTS).is_file() and (p / CONFIG).is_file()):
+        return False
+    try:
+        return read_config(p).get("format") == EXPORT_FORMAT
+    except (ValueError, OSError):
+        return False
+
+
+def write_export(out: str | Path, module: nn.Module, config: Mapping) -> Path:
+    """``module``'s weights as safetensors and ``config`` (+ format tag) as JSON in ``out``."""
+    out = Path(out)
+    if (out / EXPORT_WEIGHTS).exists():
+        raise ValueError(f"{out} already holds an export; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    _atomic_write(out / EXPORT_WEIGHTS, "wb", lambda f: f.write(_safetensors_bytes(state)))
+    write_config(out, {"format": EXPORT_FORMAT, **config})
+    return out
+
+
+def _safetensors_bytes(state: dict[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    # safetensors refuses tensors that share memory; tied weights are saved as copies.
+    return save({k: v.clone() for k, v in state.items()})
+
+
+def read_export(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """``(config, state_dict)`` of an export folder; one-line errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not is_export(p):
+        raise ValueError(
+            f"'{path}' is not an fdistill export (a folder with {EXPORT_WEIGHTS} and a "
+            f"{CONFIG} whose format is '{EXPORT_FORMAT}')"
+        )
+    try:
+        state = load_file(str(p / EXPORT_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{p / EXPORT_WEIGHTS} is unreadable ({e})") from None
+    return read_config(p), state
+
+
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "RESUMABLE_OPTIONS",
+    "atomic_save",
+    "atomic_write_text",
+    "check_resume",
+    "clean_temp_files",
+    "file_digest",
+    "is_checkpoint_file",
+    "is_export",
+    "load_checkpoint",
+    "merge_resumable",
+    "option_differences",
+    "prepare_out",
+    "read_config",
+    "read_export",
+    "resolve_checkpoint",
+    "tensor_digest",
+    "trim_metrics",
+    "write_config",
+    "write_export",
+]
