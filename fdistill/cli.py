@@ -163,6 +163,17 @@ def _add_loop_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--grid-every", type=int, help="steps between sample grids (0: none)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the networks")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument(
+        "--compile-backend", help="torch.compile backend (default inductor; aot_eager to debug)"
+    )
+    p.add_argument(
+        "--batch-gpu",
+        type=int,
+        help="per-process micro-batch: gradients accumulate to the global --batch",
+    )
+    p.add_argument(
+        "--fsdp", action="store_true", help="shard the networks with FSDP2 under torchrun"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
@@ -177,7 +188,14 @@ def _loop_values(args: argparse.Namespace) -> dict:
         grad_clip=args.grad_clip,
         log_every=args.log_every,
         ckpt_every=args.ckpt_every,
-    ) | {"bf16": args.bf16, "compile": args.compile, "progress": not args.no_progress}
+        batch_gpu=args.batch_gpu,
+        compile_backend=args.compile_backend,
+    ) | {
+        "bf16": args.bf16,
+        "compile": args.compile,
+        "fsdp": args.fsdp,
+        "progress": not args.no_progress,
+    }
 
 
 def _check_outputs(*pairs: tuple[str, str | None]) -> None:
@@ -338,14 +356,32 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-hidden", type=int, help="discriminator head width")
     p.add_argument("--no-normalize", action="store_true", help="no two-stage normalisation")
     p.add_argument("--raw-teacher", action="store_true", help="teacher's raw (non-EMA) weights")
+    t2i = p.add_argument_group("text-to-image (a Stable Diffusion pipeline as --teacher)")
+    t2i.add_argument(
+        "--prompts",
+        help="prompts: a text file (one a line), a .jsonl with 'caption'/'text', or a COCO "
+        "captions_*.json; --data then takes captioned images (a folder with captions.jsonl, "
+        "or a COCO captions_*.json beside its images); without --data no GAN term",
+    )
+    t2i.add_argument(
+        "--latent-cache", help="folder for the cached VAE latents of --data (default ~/.cache)"
+    )
+    t2i.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="activation checkpointing of the UNets (less memory, about 1/3 more compute)",
+    )
     _add_loop_options(p, "runs/distill")
     p.set_defaults(func=run_distill)
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from fdistill import pipeline
+    from fdistill import pipeline, t2i
 
-    cfg = pipeline.DistillConfig(teacher=args.teacher)
+    text = args.prompts is not None or t2i.is_text_teacher(args.teacher)
+    cfg = (t2i.T2IConfig if text else pipeline.DistillConfig)(teacher=args.teacher)
+    if not text and (args.latent_cache or args.grad_checkpointing):
+        raise ValueError("--latent-cache and --grad-checkpointing apply to text-to-image teachers")
     if args.preset:
         cfg = pipeline.apply_preset(cfg, args.preset)
     lr = _given(lr_gen=args.lr, lr_critic=args.lr)
@@ -383,8 +419,16 @@ def run_distill(args: argparse.Namespace) -> int:
             disc_taps=args.disc_taps,
         ),
     )
+    if text:
+        cfg = replace(
+            cfg,
+            prompts=args.prompts,
+            latent_cache=args.latent_cache,
+            grad_checkpointing=args.grad_checkpointing,
+        )
     _set_threads(args)
-    res = pipeline.distill_run(
+    run = t2i.distill_t2i_run if text else pipeline.distill_run
+    res = run(
         cfg, args.out, resume=args.resume or args.resume_or_start, start_fresh=args.resume_or_start
     )
     print(f"distill ({cfg.divergence}): {res.steps} steps in {res.seconds:.0f} s -> {res.out}")
@@ -414,6 +458,13 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text-to-image: --n images of this prompt")
+    prompt.add_argument(
+        "--prompts",
+        help="text-to-image: one image per prompt of this file (the first --n); --out is then "
+        "a folder of PNGs with captions.jsonl and grid.png",
+    )
     p.set_defaults(func=run_sample)
 
 
@@ -423,6 +474,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from fdistill import pipeline
     from fdistill.images import save_image_grid, save_npz
 
+    if args.prompt is not None or args.prompts is not None:
+        return _run_sample_t2i(args)
     if not args.grid and not args.out:
         raise ValueError("nothing to write: pass --grid PNG and/or --out NPZ")
     _check_outputs(("--out", args.out), ("--grid", args.grid))
@@ -449,6 +502,41 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sample_t2i(args: argparse.Namespace) -> int:
+    from fdistill import pipeline, t2i
+    from fdistill.fsutil import check_writable
+
+    if not args.grid and not args.out:
+        raise ValueError("nothing to write: pass --grid PNG and/or --out FOLDER")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.class_label is not None:
+        raise ValueError("--class applies to class-conditional runs, not to prompts")
+    if args.prompt is not None:
+        prompts = [args.prompt] * args.n
+    else:
+        prompts = t2i.read_prompts(args.prompts)[: args.n]
+    _check_outputs(("--grid", args.grid))
+    if args.out:
+        check_writable(args.out, "--out")
+    _set_threads(args)
+    run = pipeline.load_run(args.ckpt, args.device, ema=not args.raw)
+    res = t2i.sample_to_files(
+        run,
+        prompts,
+        seed=args.seed,
+        out=args.out,
+        grid=args.grid,
+        nfe=args.nfe,
+        guidance=args.guidance,
+        batch=args.batch,
+        device=args.device,
+    )
+    what = ", ".join(str(p) for p in (res["out"], res["grid"]) if p)
+    print(f"{res['n']} images from the {run.kind} in {res['seconds']:.2f} s -> {what}")
+    return 0
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -465,7 +553,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         help="student or teacher run folder, checkpoint file, or data set "
         "(digits, mnist, a folder, .npz, .zip)",
     )
-    p.add_argument("--metrics", default="fid,pr,classes", help="any of fid,pr,classes")
+    p.add_argument(
+        "--metrics",
+        help="any of fid,pr,classes (default all); text-to-image: fid,clip (default: those "
+        "--ref / --clip allow)",
+    )
     p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--nfe", type=int, help="teacher: Heun denoiser calls (default 35)")
@@ -487,6 +579,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--device", default="cpu", help="sampling device")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--captions",
+        help="text-to-image: one image per caption of this file (the first --n) for CLIP score "
+        "and zero-shot FID against --ref (a captioned set or image folder)",
+    )
+    p.add_argument("--clip", help="text-to-image: a local transformers CLIP folder (CLIP score)")
+    p.add_argument("--guidance", type=float, default=1.0, help="text-to-image teacher: CFG scale")
     p.set_defaults(func=run_eval)
 
 
@@ -498,10 +597,33 @@ def run_eval(args: argparse.Namespace) -> int:
 
     _check_outputs(("--out", args.out))
     _set_threads(args)
+    t2i_metrics = "clip" in (args.metrics or "").split(",")
+    if args.captions or args.clip or t2i_metrics:
+        from fdistill import t2i
+
+        res = t2i.evaluate_t2i(
+            args.ckpt,
+            captions=args.captions,
+            ref=args.ref,
+            metrics=args.metrics,
+            clip=args.clip,
+            inception=args.inception,
+            n=args.n,
+            seed=args.seed,
+            nfe=args.nfe,
+            guidance=args.guidance,
+            batch=args.batch,
+            device=args.device,
+        )
+        print(t2i.format_t2i_table(res))
+        if args.out:
+            atomic_write_text(json.dumps(res, indent=2) + "\n", args.out)
+            print(f"wrote {args.out}")
+        return 0
     inception = False if args.inception == "none" else args.inception
     res = evaluation.evaluate_source(
         args.ckpt,
-        metrics=evaluation.parse_metrics(args.metrics),
+        metrics=evaluation.parse_metrics(args.metrics or "fid,pr,classes"),
         n=args.n,
         seed=args.seed,
         nfe=args.nfe,

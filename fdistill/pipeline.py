@@ -180,6 +180,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     weights by default), an ``fdistill export`` folder, or any teacher
     :func:`fdistill.teachers.load_teacher` reads (an EDM pickle, a diffusers folder, ...)."""
     p = Path(path)
+    from fdistill import t2i
+
+    if t2i.is_unet_export(p):  # a text-to-image student in diffusers' UNet format
+        return t2i.load_unet_export(p, device)
     if runs.is_export(p):
         cfg, state = runs.read_export(p)
         model = _network(cfg)
@@ -222,6 +226,10 @@ def export_run(path: str | Path, out: str | Path, ema: bool = True) -> Path:
     """Write a run's network (the student generator, or a teacher denoiser) as safetensors with
     a ``config.json`` beside it; :func:`load_run` reads it back without the run or teacher."""
     run = load_run(path, ema=ema)
+    if run.config.get("t2i"):
+        from fdistill.t2i import export_unet
+
+        return export_unet(run, out, ema)
     keep = ("kind", "model", "shape", "num_classes", "sigma_init", "sampler", "teacher", "data")
     config = {k: run.config[k] for k in keep if k in run.config}
     config |= {"step": run.step, "weights": "ema" if ema else "raw"}
@@ -264,6 +272,11 @@ def sample_run(
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if run.config.get("model", {}).get("type") == "sd-unet":
+        raise ValueError(
+            "a text-to-image model samples from prompts: pass --prompt TEXT or --prompts FILE "
+            "(fdistill.t2i.sample_images)"
+        )
     seeds = sample_seeds(seed, n)
     labels = None
     if run.num_classes:
@@ -346,10 +359,12 @@ def validate_loop(cfg: LoopConfig, world: int = 1) -> None:
         _check(cfg.critic_ratio >= 1, "critic_ratio", cfg.critic_ratio, "an integer >= 1")
     if hasattr(cfg, "lr_warmup"):
         _check(cfg.lr_warmup >= 0, "lr_warmup", cfg.lr_warmup, "an integer >= 0")
-    for name in ("batch_gpu",):
-        v = getattr(cfg, name, None)
-        if v is not None:
-            _check(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
+    per_rank = cfg.batch // world
+    v = getattr(cfg, "batch_gpu", None)
+    if v is not None:
+        _check(isinstance(v, int) and v >= 1, "batch_gpu", v, "an integer >= 1")
+        _check(per_rank % v == 0 or v >= per_rank, "batch_gpu", v,
+               f"a divisor of the per-process batch {per_rank}")  # fmt: skip
 
 
 def _validate_common(cfg) -> None:

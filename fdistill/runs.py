@@ -41,6 +41,8 @@ RESUMABLE_OPTIONS = (
     "train.ckpt_every",
     "train.progress",
     "train.compile",
+    "train.compile_backend",
+    "train.batch_gpu",
     "grid_every",
     "grid_n",
     "grid_nfe",

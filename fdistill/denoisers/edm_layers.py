@@ -309,7 +309,9 @@ def class_rows(
                 f"class ids of shape {tuple(cond.shape)} do not match a batch of {n}: "
                 f"pass ids of shape [{n}] or rows of shape [{n}, {label_dim}]"
             )
-        if n and (int(cond.min()) < 0 or int(cond.max()) >= label_dim):
+        # Checked where it costs no device sync (CPU, eager); a CUDA one_hot asserts itself.
+        checkable = cond.device.type == "cpu" and not torch.compiler.is_compiling()
+        if n and checkable and (int(cond.min()) < 0 or int(cond.max()) >= label_dim):
             raise ValueError(
                 f"class ids must lie in [0, {label_dim - 1}], got {int(cond.min())}.."
                 f"{int(cond.max())}"

@@ -1,0 +1,418 @@
+"""GPU benchmark of the training loop at the paper's network sizes (issue 11).
+
+For EDM's class-conditional CIFAR-10 DDPM++ (55.7 M parameters) and ImageNet-64 ADM (295.9 M)
+networks, random weights behind ``EDMPrecond(net, sigma_data=0.5)``, one process:
+
+* a teacher-training step (EDM loss, forward + backward + fused AdamW) against the f-distill
+  updates (critic and generator updates, their ratio-weighted average per update, and a
+  whole iteration of ``--critic-ratio`` critic updates + 1 generator update), in ms and
+  images/s, with bf16 autocast off and on, eager and ``torch.compile``d;
+* peak memory of each kind of update: what it allocates on top of the resident state
+  ("transient": activations, gradients, temporaries) and the total;
+* one-step student sampling against 35-NFE Heun (18 steps) sampling of the teacher.
+
+Targets (DESIGN.md section 4): distillation update <= 1.5x a teacher step; generator-update
+transient memory <= 1.3x a teacher step's; one-step sampling >= 30x the 35-NFE teacher.
+
+Updates run as :func:`fdistill.training.train_distill` runs them (fused AdamW, the NaN/Inf
+watch on the device; the loop itself adds no host synchronisation); timings synchronise only at
+the ends of a block of updates, and report the median over rounds. Rows print as soon as they
+are measured, so a time-out keeps what finished; ``--budget`` skips what would not fit. The
+discriminator reads the teacher's encoder (CIFAR-10: 32, 16 and 8; ImageNet-64: 8), GAN weight
+1e-3 / 3e-3 and ratio 5, as in the paper's Table 5; per-GPU batches are the paper's global
+batch over 16 and 8 GPUs (2048 / 16 = 128 and 512 / 8 = 64; ``--batch`` overrides). Compiled
+rows run in a child process with the time left as its time-out, so the script ends within
+``--budget`` (default 450 s) plus a few seconds whatever compiling costs.
+
+    python benchmarks/gpu_bench.py                 # one CUDA GPU, within --budget (450 s)
+    python benchmarks/gpu_bench.py --tiny          # tiny networks on the CPU, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fdistill.critic import MultiScaleHead
+from fdistill.denoisers import EDMLoss, EDMPrecond
+from fdistill.denoisers.songunet import build_edm_network, edm_preset_kwargs
+from fdistill.distill import FDistill, LossConfig
+from fdistill.divergences import get_divergence
+from fdistill.generator import OneStepGenerator
+from fdistill.samplers import heun_sampler
+from fdistill.training import (
+    FiniteGuard,
+    NonFiniteError,
+    apply_update,
+    autocast,
+    compile_modules,
+    make_adamw,
+)
+
+
+@dataclass
+class Network:
+    """One benchmarked network: EDM preset, overrides, batch per GPU, taps, GAN weight."""
+
+    preset: str
+    batch: int
+    taps: list[str] | None
+    gan_weight: float
+    overrides: dict = field(default_factory=dict)
+
+
+NETWORKS = {
+    "cifar10-ddpm++": Network("cifar10", 128, None, 1e-3),
+    "imagenet64-adm": Network("imagenet64", 64, ["enc8"], 3e-3),
+}
+TINY = {
+    "cifar10-ddpm++": Network(
+        "cifar10",
+        4,
+        None,
+        1e-3,
+        dict(img_resolution=16, model_channels=16, channel_mult=[1, 2], num_blocks=1),
+    ),
+    "imagenet64-adm": Network(
+        "imagenet64",
+        4,
+        ["enc8"],
+        3e-3,
+        dict(
+            img_resolution=16,
+            model_channels=32,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[],
+            label_dim=10,
+        ),
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny networks on the CPU (a smoke run)")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
+    p.add_argument("--networks", default=",".join(NETWORKS), help="comma separated")
+    p.add_argument("--critic-ratio", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; tiny 1)")
+    p.add_argument(
+        "--budget", type=float, default=450.0, help="seconds; later rows are skipped past it"
+    )
+    p.add_argument("--batch", type=int, default=None, help="per-GPU batch of every network")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child: NAME:PREC:BACKEND
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    return p.parse_args(argv)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, times: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``times`` calls back to back (synchronised at the ends)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(times):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / times
+
+
+def peak(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(transient, total)`` MiB of one call of ``fn`` on CUDA; NaN elsewhere."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    top = torch.cuda.max_memory_allocated(device)
+    return (top - base) / 2**20, top / 2**20
+
+
+def build_teacher(spec: Network, device: torch.device) -> tuple[EDMPrecond, int]:
+    """Random-weight EDM network behind EDM preconditioning; the number of classes."""
+    kw = edm_preset_kwargs(spec.preset) | spec.overrides
+    torch.manual_seed(0)
+    teacher = EDMPrecond(build_edm_network(kw), sigma_data=0.5).to(device)
+    if spec.taps is not None:
+        teacher.set_feature_taps(spec.taps)
+    return teacher, int(kw["label_dim"])
+
+
+class Bench:
+    """One network at one setting (bf16, compile): a teacher step and the f-distill updates."""
+
+    def __init__(self, spec: Network, device: torch.device, bf16: bool, compiled: str | None):
+        self.device, self.bf16 = device, bf16
+        teacher, classes = build_teacher(spec, device)
+        net = teacher.net
+        self.shape = (spec.batch, net.img_channels, net.img_resolution, net.img_resolution)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.x_real = torch.rand(self.shape, device=device, generator=self.gen) * 2 - 1
+        self.labels = torch.randint(classes, (spec.batch,), device=device, generator=self.gen)
+        # Teacher training: its own trained copy, as a teacher run would hold.
+        self.tnet = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.t_params = list(self.tnet.parameters())
+        self.t_opt = make_adamw(self.t_params, 1e-4, (0.9, 0.999), 0.0, device)
+        self.edm = EDMLoss()
+        fake = copy.deepcopy(teacher).requires_grad_(True)
+        self.model = FDistill(
+            teacher,
+            OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), sigma_init=80.0),
+            fake,
+            MultiScaleHead.for_network(teacher, hidden=64),
+            get_divergence("js"),
+            LossConfig(gan_weight=spec.gan_weight, disc_features="teacher"),
+        ).to(device)
+        m = self.model
+        self.g_params = list(m.generator.parameters())
+        self.c_params = m.critic_parameters()
+        self.opt_g = make_adamw(self.g_params, 1e-4, (0.9, 0.999), 1e-2, device)
+        self.opt_c = make_adamw(self.c_params, 1e-4, (0.9, 0.999), 1e-2, device)
+        self.guard = FiniteGuard(device)
+        self.compile_s = 0.0
+        if compiled:
+            nets = [self.tnet, m.teacher, m.generator, m.fake_score]
+            compile_modules(nets, device, True, backend=compiled)
+
+    def latents(self) -> torch.Tensor:
+        return torch.randn(self.shape, device=self.device, generator=self.gen)
+
+    def teacher_step(self) -> None:
+        self.t_opt.zero_grad(set_to_none=True)
+        with autocast(self.device, self.bf16):
+            loss = self.edm(self.tnet, self.x_real, self.labels, generator=self.gen).mean()
+        loss.backward()
+        stats = {"loss": loss.detach()}
+        apply_update(self.t_opt, self.t_params, stats, step=1, grad_clip=10.0, guard=self.guard)
+
+    def critic_update(self) -> None:
+        m = self.model
+        self.opt_c.zero_grad(set_to_none=True)
+        with autocast(self.device, self.bf16):
+            loss, st = m.critic_loss(
+                self.latents(), self.labels, self.x_real, self.labels, self.gen
+            )
+        loss.backward()
+        apply_update(self.opt_c, self.c_params, st, step=1, grad_clip=10.0, guard=self.guard)
+
+    def generator_update(self) -> None:
+        self.opt_g.zero_grad(set_to_none=True)
+        with autocast(self.device, self.bf16):
+            loss, st = self.model.generator_loss(self.latents(), self.labels, self.gen)
+        loss.backward()
+        apply_update(self.opt_g, self.g_params, st, step=1, grad_clip=10.0, guard=self.guard)
+
+    def warm_up(self, ratio: int) -> None:
+        """One of each update (allocator, AdamW state, every compiled graph), timed."""
+        t0 = time.perf_counter()
+        self.teacher_step()
+        for _ in range(ratio):
+            self.critic_update()
+        self.generator_update()
+        sync(self.device)
+        self.compile_s = time.perf_counter() - t0
+
+    def measure(self, ratio: int, rounds: int) -> dict:
+        times: dict[str, list[float]] = {"teacher": [], "critic": [], "generator": []}
+        for _ in range(rounds):
+            times["teacher"].append(timed(self.teacher_step, self.device, 2))
+            times["critic"].append(timed(self.critic_update, self.device, ratio))
+            times["generator"].append(timed(self.generator_update, self.device, 2))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for opt in (self.t_opt, self.opt_c, self.opt_g):  # measure from a state without grads
+            opt.zero_grad(set_to_none=True)
+        mem = {
+            "teacher": peak(self.teacher_step, self.device),
+            "critic": peak(self.critic_update, self.device),
+            "generator": peak(self.generator_update, self.device),
+        }
+        try:  # random weights should still give finite updates; timings stand either way
+            self.guard.check()
+        except NonFiniteError as e:
+            say(f"note: {e}")
+        return {"time": med, "mem": mem}
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.1f}"
+
+
+def fmt_mib(*values: float) -> str:
+    """``a / b`` MiB, or n/a where memory is not measured (CPU)."""
+    return "n/a" if any(v != v for v in values) else " / ".join(f"{v:.0f}" for v in values)
+
+
+def bench_row(name: str, spec: Network, dev: torch.device, args, bf16: bool, compiled) -> None:
+    """Measure one setting and print its table row (``OOM`` if it does not fit)."""
+    prec, mode = ("bf16" if bf16 else "fp32"), compiled or "eager"
+    try:
+        b = Bench(spec, dev, bf16, compiled)
+        k = args.critic_ratio
+        b.warm_up(k)
+        r = b.measure(k, args.rounds)
+    except torch.OutOfMemoryError:
+        say(f"| {name} | {prec} | {mode} | {spec.batch} | out of memory: try --batch |")
+        return
+    t, mem, n = r["time"], r["mem"], spec.batch
+    per_update = (k * t["critic"] + t["generator"]) / (k + 1)
+    iteration = k * t["critic"] + t["generator"]
+    (mt, mt_tot), (mg, mg_tot) = mem["teacher"], mem["generator"]
+    say(
+        f"| {name} | {prec} | {mode} | {n} | {fmt_ms(t['teacher'])} | "
+        f"{n / t['teacher']:.0f} | {fmt_ms(t['critic'])} | {fmt_ms(t['generator'])} | "
+        f"{fmt_ms(per_update)} | **{per_update / t['teacher']:.2f}x** | "
+        f"{n / iteration:.0f} | {fmt_mib(mt, mt_tot)} | {fmt_mib(mem['critic'][0])} | "
+        f"{fmt_mib(mg, mg_tot)} | **{fmt_mib(mg / mt * 100)}%** | {b.compile_s:.0f} |"
+    )
+    del b
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def child_row(name: str, bf16: bool, backend: str, args, timeout: float) -> None:
+    """:func:`bench_row` in a child process that is killed after ``timeout`` seconds."""
+    cmd = [sys.executable, __file__, "--row", f"{name}:{int(bf16)}:{backend}"]
+    cmd += ["--critic-ratio", str(args.critic_ratio), "--rounds", str(args.rounds)]
+    cmd += ["--device", args.device] + (["--tiny"] if args.tiny else [])
+    cmd += ["--batch", str(args.batch)] if args.batch else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    prec = "bf16" if bf16 else "fp32"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        say(f"| {name} | {prec} | {backend} | timed out after {timeout:.0f} s |")
+        return
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    if proc.returncode or not rows:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        say(f"| {name} | {prec} | {backend} | failed: {tail[0][:200]} |")
+        return
+    for line in rows:
+        say(line)
+
+
+def sampling_row(name: str, spec: Network, dev: torch.device, bf16: bool, rounds: int) -> None:
+    teacher, classes = build_teacher(spec, dev)
+    teacher.eval()
+    student = OneStepGenerator(teacher, sigma_init=80.0)
+    net = teacher.net
+    shape = (spec.batch, net.img_channels, net.img_resolution, net.img_resolution)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    z = torch.randn(shape, device=dev, generator=gen)
+    c = torch.randint(classes, (spec.batch,), device=dev, generator=gen)
+    one, heun = [], []
+    with torch.no_grad(), autocast(dev, bf16):
+        student(z, c)  # warm-up
+        heun_sampler(teacher, z, c, num_steps=2)
+        for _ in range(rounds):
+            one.append(timed(lambda: student(z, c), dev, 4))
+            heun.append(timed(lambda: heun_sampler(teacher, z, c, num_steps=18), dev))
+    t1, th = statistics.median(one), statistics.median(heun)
+    say(
+        f"| {name} | {'bf16' if bf16 else 'fp32'} | {spec.batch} | {fmt_ms(t1)} | "
+        f"{spec.batch / t1:.0f} | {fmt_ms(th)} | {spec.batch / th:.1f} | **{th / t1:.1f}x** |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        say("no CUDA device: run with --tiny (CPU) or on a GPU machine")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.rounds = args.rounds or (1 if args.tiny else 5)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    specs = dict(TINY if args.tiny else NETWORKS)
+    if args.batch:
+        specs = {k: dataclasses.replace(v, batch=args.batch) for k, v in specs.items()}
+    if args.row:  # a child process: one compiled row
+        name, bf16, backend = args.row.split(":")
+        bench_row(name, specs[name], dev, args, bool(int(bf16)), backend)
+        return 0
+    names = [n.strip() for n in args.networks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise ValueError(f"--networks {','.join(unknown)}: known are {', '.join(specs)}")
+    backend = "aot_eager" if args.tiny else "inductor"  # tiny: no code generation, seconds
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    say(
+        f"fdistill GPU benchmark on {device_name}, torch {torch.__version__}, critic ratio "
+        f"{args.critic_ratio}, rounds {args.rounds}" + (" (tiny networks)" if args.tiny else "")
+    )
+    for name in names:
+        teacher, _ = build_teacher(specs[name], dev)
+        size = sum(p.numel() for p in teacher.parameters()) / 1e6
+        say(f"{name}: {size:.2f} M parameters, batch {specs[name].batch} per GPU")
+        del teacher
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t_start)
+
+    header = (
+        "| network | precision | compile | batch | teacher step ms | teacher img/s | critic ms "
+        "| generator ms | distill update ms | update / teacher (<= 1.5) | iteration img/s | "
+        "teacher MiB (transient / total) | critic MiB | generator MiB (transient / total) | "
+        "generator / teacher (<= 130%) | warm-up s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    say("\n" + header)
+    for name in names:
+        for bf16 in (True, False):
+            if left() < 30:
+                say(f"| {name} | {'bf16' if bf16 else 'fp32'} | eager | skipped: time budget |")
+                continue
+            bench_row(name, specs[name], dev, args, bf16, None)
+
+    say(
+        "\n| network | precision | batch | one-step ms | one-step img/s | 35-NFE Heun ms | "
+        "Heun img/s | speed-up (>= 30) |"
+    )
+    say("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for bf16 in (True, False):
+            if left() < 15:
+                say(f"| {name} | {'bf16' if bf16 else 'fp32'} | skipped: time budget |")
+                continue
+            sampling_row(name, specs[name], dev, bf16, args.rounds)
+
+    if not args.no_compile:
+        say(
+            f"\ntorch.compile ({backend}, bf16), each row in a child process killed when the "
+            "budget runs out; warm-up includes compiling every graph:\n" + header
+        )
+        for name in names:
+            if left() < 30:
+                say(f"| {name} | bf16 | {backend} | skipped: time budget |")
+                continue
+            child_row(name, True, backend, args, left())
+    say(f"\ndone in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
