@@ -91,6 +91,7 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bit_identical(teacher, t
             kills += 1
         resume = (out / "checkpoint.pt").is_file()
     assert kills >= 2, "never caught a checkpoint write in progress"
+    print(f"killed during {kills} of 4 attempts' second checkpoint write")
     assert any(out.glob(".checkpoint.pt.*.tmp")) or kills < 4  # a kill left its temp file
     if not resume or load_checkpoint(out)["step"] < STEPS:  # finish without interruptions
         cmd = _distill_cmd(teacher, out, resume)
