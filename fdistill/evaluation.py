@@ -236,6 +236,11 @@ def evaluate_source(
     if isinstance(inception, str | os.PathLike) and not Path(inception).is_file():
         raise FileNotFoundError(f"--inception: no such file '{inception}'")
     source = open_source(ckpt, device)
+    if isinstance(source, LoadedRun) and source.config.get("model", {}).get("type") == "sd-unet":
+        raise ValueError(
+            f"--ckpt {ckpt} is a text-to-image model: pass --captions FILE (one image per "
+            "caption) with --clip DIR and/or --ref (fdistill.t2i.evaluate_t2i)"
+        )
     notes: list[str] = []
     generation = None
     if isinstance(source, LoadedRun):
