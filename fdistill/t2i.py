@@ -394,13 +394,6 @@ def validate_t2i_config(cfg: T2IConfig, world: int = 1) -> None:
         raise ValueError(
             "--raw-teacher applies to fdistill teacher runs, not to a diffusers pipeline"
         )
-    if cfg.train.compile and cfg.data and cfg.loss.r1_gamma > 0:
-        # training.train_distill compiles the teacher, and aot_autograd has no double backward
-        raise ValueError(
-            "--compile with R1 (--r1-gamma > 0, the t2i preset) fails: torch.compile has no "
-            "double backward through the discriminator's network; pass --r1-gamma 0 or drop "
-            "--compile"
-        )
     if not isinstance(cfg.encode_batch, int) or cfg.encode_batch < 1:
         raise ValueError(f"encode_batch must be an integer >= 1, got {cfg.encode_batch!r}")
 

@@ -764,6 +764,7 @@ class _Sharing:
         self.kind = "none" if ddp.world == 1 else "fsdp" if fsdp else "ddp"
         self.compile_backend = compile_backend
         self.pairs: list[tuple[nn.Module, nn.Module]] = []
+        self.eager: set[int] = set()  # ids of modules never to compile
 
     def compile(self, modules: Iterable[nn.Module]) -> None:
         """Compile trained networks: now, or (DDP) when :meth:`reduce` wraps them, so dynamo
@@ -819,7 +820,7 @@ class _Sharing:
                 device_ids=[dev.index] if dev.type == "cuda" else None,
                 broadcast_buffers=False,  # buffers are constants: no collective per forward
             )
-            if self.compile_backend is not None:
+            if self.compile_backend is not None and id(m) not in self.eager:
                 compile_modules([wrapped], dev, True, self.compile_backend)
             out.append(wrapped)
         return out
@@ -1121,8 +1122,15 @@ def train_distill(
     full_config = {"kind": "distill", "train": config_dict(cfg), **(config or {})}
     run = _Run(out, cfg, objects, gens, ddp, full_config, "distill")
     start = run.begin(resume)
-    compile_modules([model.teacher], ddp.device, cfg.compile, cfg.compile_backend)
-    share.compile([trained["generator"], trained["fake_score"]])
+    # R1 differentiates the discriminator's feature network twice, which compiled graphs
+    # (aot_autograd) do not support: that network stays eager when R1 is on.
+    r1_net = "teacher" if getattr(model.cfg, "disc_features", "teacher") == "teacher" else "fake"
+    eager = r1_net if getattr(model.cfg, "r1_gamma", 0) > 0 else None
+    if eager != "teacher":
+        compile_modules([model.teacher], ddp.device, cfg.compile, cfg.compile_backend)
+    if eager == "fake":
+        share.eager.add(id(trained["fake_score"]))
+    share.compile([trained["generator"], *([] if eager == "fake" else [trained["fake_score"]])])
     guard, micro = FiniteGuard(ddp.device), MicroBatches(gens, k)
     clip, dev = cfg.grad_clip, ddp.device
 
