@@ -887,11 +887,15 @@ def describe(path: str | Path) -> dict:
     """What ``fdistill inspect`` prints: the family, shape, classes, sigma range and details
     of a teacher, or the kind, step and config of a run or export."""
     p = Path(path)
-    if runs.is_export(p) or (
-        p.exists() and runs.is_checkpoint_file(p / runs.CHECKPOINT if p.is_dir() else p)
+    from fdistill import t2i
+
+    if (
+        runs.is_export(p)
+        or t2i.is_unet_export(p)
+        or (p.exists() and runs.is_checkpoint_file(p / runs.CHECKPOINT if p.is_dir() else p))
     ):
         run = load_run(p)
-        if run.kind == "distill" or runs.is_export(p):
+        if run.kind == "distill" or runs.is_export(p) or t2i.is_unet_export(p):
             params = sum(t.numel() for t in run.model.parameters())
             return {
                 "kind": run.kind,

@@ -248,6 +248,7 @@ def test_distill_resumes_samples_and_exports(sd, files, tmp_path, capsys):
     # Export: plain diffusers loads the UNet and makes the same image in one step.
     exp = tmp_path / "unet"
     assert main(["export", str(tmp_path / "straight"), "--out", str(exp)]) == 0
+    assert main(["inspect", str(exp)]) == 0
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(exp)
