@@ -29,20 +29,21 @@ from fdistill.metrics.inception import InceptionFeatures, find_inception
 from fdistill.metrics.knn import knn_precision_recall
 from fdistill.pipeline import LoadedRun, load_run, sample_run
 from fdistill.runs import CHECKPOINT
+from fdistill.training import Dist
 
 DEFAULT_TEACHER_NFE = 35
 _DATA_SUFFIXES = (".npz", ".zip")
 _SOURCES = "a run folder, a checkpoint file, or a data set (digits, mnist, a folder, .npz, .zip)"
 
 
-def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
+def parse_metrics(text: str | Sequence[str], valid: Sequence[str] = METRICS) -> tuple[str, ...]:
     """``"fid,pr,classes"`` (or a sequence) -> validated tuple of metric names."""
     names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
-    bad = [n for n in names if n not in METRICS]
+    bad = [n for n in names if n not in valid]
     if bad or not names:
         raise ValueError(
-            f"--metrics: unknown or empty {bad or names}; choose from {', '.join(METRICS)}"
+            f"--metrics: unknown or empty {bad or names}; choose from {', '.join(valid)}"
         )
     return tuple(dict.fromkeys(names))
 
@@ -193,12 +194,19 @@ def reference_stats(
 
 
 def generate_samples(
-    run: LoadedRun, n: int, seed: int, nfe: int | None, batch: int = 256, device: str = "cpu"
-) -> tuple[Tensor, float]:
+    run: LoadedRun,
+    n: int,
+    seed: int,
+    nfe: int | None,
+    batch: int = 256,
+    device: str = "cpu",
+    ddp: Dist | None = None,
+) -> tuple[Tensor | None, float]:
     """``n`` samples of a run (see :func:`fdistill.pipeline.sample_run`) and the seconds the
-    generation took (latents, labels and network calls; nothing else)."""
+    generation took (latents, labels and network calls; nothing else). Under ``torchrun``
+    (``ddp``) the ranks share the work and rank 0 gets the samples, the others None."""
     t0 = time.perf_counter()
-    x, _ = sample_run(run, n, seed, nfe=nfe, batch=batch, device=device)
+    x, _ = sample_run(run, n, seed, nfe=nfe, batch=batch, device=device, ddp=ddp)
     return x, time.perf_counter() - t0
 
 
@@ -215,8 +223,12 @@ def evaluate_source(
     classifier: str | os.PathLike | None = None,
     batch: int = 256,
     device: str = "cpu",
-) -> dict[str, Any]:
+    ddp: Dist | None = None,
+) -> dict[str, Any] | None:
     """Evaluate a student run, a teacher run or a data set; a JSON-ready dict.
+
+    Under ``torchrun`` pass ``ddp``: every rank generates its share of the samples, rank 0
+    measures them and returns the dict (the single-process result), the other ranks None.
 
     ``nfe``: teacher Heun calls (default 35; a student takes only 1). ``ref``: reference data
     (default: the run's training data). ``ref_stats``: EDM ``.npz`` (mu, sigma) for Inception
@@ -252,17 +264,21 @@ def evaluate_source(
             raise ValueError(f"--nfe: a one-step student samples with 1 NFE, got {nfe}")
         nfe = nfe if kind == "teacher" else 1
         fake, seconds = generate_samples(
-            source, n, seed, nfe if kind == "teacher" else None, batch, device
+            source, n, seed, nfe if kind == "teacher" else None, batch, device, ddp
         )
+        if fake is None:  # another rank of a torchrun job: rank 0 measures
+            return None
         generation = {"seconds": seconds, "samples_per_s": n / seconds if seconds > 0 else None}
         step: int | None = source.step
     else:
         run, kind, step = None, "data", None
         if nfe is not None:
             raise ValueError("--nfe applies to runs; --ckpt names a data set")
+        if ddp is not None and not ddp.main:
+            return None
         if n > len(source):
             notes.append(f"--ckpt has only {len(source)} images; evaluated all of them")
-        fake = source.images[:n]
+        fake = source.decode(source.storage[:n])
     fake = fake.clamp(-1, 1)
     reference, ref_spec = load_reference(ref, run, fake.shape[-1])
     if reference is None and ref_stats is None:

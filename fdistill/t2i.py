@@ -833,18 +833,14 @@ def parse_t2i_metrics(text: str | Sequence[str] | None, clip: bool, ref: bool) -
         if not names:
             raise ValueError("nothing to measure: pass --clip DIR (CLIP score) and/or --ref (FID)")
         return tuple(names)
-    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
-    bad = [n for n in names if n not in T2I_METRICS]
-    if bad or not names:
-        raise ValueError(
-            f"--metrics: {bad or names} for a text-to-image model; choose from fid, clip"
-        )
+    from fdistill.evaluation import parse_metrics
+
+    names = parse_metrics(text, T2I_METRICS)
     if "clip" in names and not clip:
         raise ValueError("--metrics clip needs --clip DIR (a local transformers CLIP folder)")
     if "fid" in names and not ref:
         raise ValueError("--metrics fid needs --ref (the captioned set's images)")
-    return tuple(dict.fromkeys(names))
+    return names
 
 
 def evaluate_t2i(
