@@ -473,6 +473,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from fdistill import pipeline
     from fdistill.images import save_image_grid, save_npz
+    from fdistill.training import distributed
 
     if args.prompt is not None or args.prompts is not None:
         return _run_sample_t2i(args)
@@ -480,25 +481,34 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError("nothing to write: pass --grid PNG and/or --out NPZ")
     _check_outputs(("--out", args.out), ("--grid", args.grid))
     _set_threads(args)
-    run = pipeline.load_run(args.ckpt, args.device, ema=not args.raw)
-    t0 = time.perf_counter()
-    images, labels = pipeline.sample_run(
-        run,
-        args.n,
-        args.seed,
-        nfe=args.nfe,
-        class_label=args.class_label,
-        guidance=args.guidance,
-        batch=args.batch,
-        device=args.device,
-    )
-    dt = time.perf_counter() - t0
-    if args.out:
-        save_npz(args.out, images, labels)
-    if args.grid:
-        save_image_grid(images, args.grid)
-    what = ", ".join(p for p in (args.grid, args.out) if p)
-    print(f"{args.n} samples from the {run.kind} at step {run.step} in {dt:.2f} s -> {what}")
+    # Under torchrun every rank generates its share of the batches; rank 0 writes.
+    with distributed(args.device) as ddp:
+        run = pipeline.load_run(args.ckpt, ddp.device, ema=not args.raw)
+        t0 = time.perf_counter()
+        images, labels = pipeline.sample_run(
+            run,
+            args.n,
+            args.seed,
+            nfe=args.nfe,
+            class_label=args.class_label,
+            guidance=args.guidance,
+            batch=args.batch,
+            device=ddp.device,
+            ddp=ddp,
+        )
+        dt = time.perf_counter() - t0
+        if ddp.main:
+            if args.out:
+                save_npz(args.out, images, labels)
+            if args.grid:
+                save_image_grid(images, args.grid)
+    if ddp.main:
+        what = ", ".join(p for p in (args.grid, args.out) if p)
+        procs = f" on {ddp.world} processes" if ddp.world > 1 else ""
+        print(
+            f"{args.n} samples from the {run.kind} at step {run.step} in {dt:.2f} s{procs} "
+            f"-> {what}"
+        )
     return 0
 
 
@@ -594,6 +604,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from fdistill import evaluation
     from fdistill.runs import atomic_write_text
+    from fdistill.training import distributed
 
     _check_outputs(("--out", args.out))
     _set_threads(args)
@@ -621,19 +632,24 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}")
         return 0
     inception = False if args.inception == "none" else args.inception
-    res = evaluation.evaluate_source(
-        args.ckpt,
-        metrics=evaluation.parse_metrics(args.metrics or "fid,pr,classes"),
-        n=args.n,
-        seed=args.seed,
-        nfe=args.nfe,
-        ref=args.ref,
-        ref_stats=args.ref_stats,
-        inception=inception,
-        classifier=args.classifier,
-        batch=args.batch,
-        device=args.device,
-    )
+    # Under torchrun every rank generates its share of the samples; rank 0 measures them.
+    with distributed(args.device) as ddp:
+        res = evaluation.evaluate_source(
+            args.ckpt,
+            metrics=evaluation.parse_metrics(args.metrics or "fid,pr,classes"),
+            n=args.n,
+            seed=args.seed,
+            nfe=args.nfe,
+            ref=args.ref,
+            ref_stats=args.ref_stats,
+            inception=inception,
+            classifier=args.classifier,
+            batch=args.batch,
+            device=str(ddp.device),
+            ddp=ddp,
+        )
+    if res is None:
+        return 0
     print(evaluation.format_table(res))
     if args.out:
         atomic_write_text(json.dumps(res, indent=2) + "\n", args.out)

@@ -95,17 +95,17 @@ def default_model(arch: str, shape: tuple[int, int, int], num_classes: int, **ov
 
 # --------------------------------------------------------------------------- data
 def image_sampler(
-    ds: ImageDataset, device: torch.device, conditional: bool
+    ds: ImageDataset, device: torch.device, conditional: bool, *, workers: int = 0
 ) -> Callable[[int, rng.RandomSource], tuple[Tensor, Tensor | None]]:
-    """``sample(n, gen)``: ``n`` images (with replacement) and their labels (or None)."""
-    images = ds.images.to(device)
-    labels = ds.labels.to(device) if conditional else None
+    """``sample(n, gen)``: ``n`` images (with replacement) and their labels (or None).
 
-    def sample(n: int, gen: rng.RandomSource) -> tuple[Tensor, Tensor | None]:
-        idx = rng.randint(len(images), (n,), gen, device=device)
-        return images[idx], (labels[idx] if labels is not None else None)
+    The images stay in host memory; each process gathers only its rows of every draw (in
+    ``workers`` ``DataLoader`` processes, or itself by default) and the draws are those of
+    ``rng.randint(len(ds), (n,), gen)`` (see :class:`fdistill.loader.ImageLoader`).
+    """
+    from fdistill.loader import ImageLoader
 
-    return sample
+    return ImageLoader(ds, device, conditional, workers=workers)
 
 
 def latent_sampler(
@@ -147,14 +147,54 @@ def generate(
     labels: Tensor | None = None,
     batch: int = 256,
     device: torch.device | str = "cpu",
-) -> Tensor:
-    """``fn(z, c)`` over latents drawn per seed, ``batch`` samples at a time; float [N, ...]."""
-    out = []
-    for i in range(0, len(seeds), batch):
+    *,
+    ddp: Dist | None = None,
+) -> Tensor | None:
+    """``fn(z, c)`` over latents drawn per seed, ``batch`` samples at a time; float [N, ...].
+
+    With ``ddp`` of several processes (``torchrun``) every rank must call it: batch ``j`` runs
+    on rank ``j % world``, the very batches one process would run, and rank 0 gathers them.
+    Rank 0 gets all samples, the other ranks None.
+    """
+    rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
+    mine = _generate_batches(fn, shape, seeds, labels, batch, device, rank, world)
+    if world > 1:
+        mine = _gather_to_main(mine, world, rank)
+        if mine is None:
+            return None
+    return torch.cat([mine[j] for j in range(len(mine))])
+
+
+def _generate_batches(
+    fn: Callable[[Tensor, Tensor | None], Tensor],
+    shape: tuple[int, ...],
+    seeds: list[int],
+    labels: Tensor | None,
+    batch: int,
+    device: torch.device | str,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[int, Tensor]:
+    """Batches ``rank, rank + world, ...`` of :func:`generate`, by batch number, on the CPU."""
+    out = {}
+    for j, i in enumerate(range(0, len(seeds), batch)):
+        if j % world != rank:
+            continue
         z = seeded_randn(seeds[i : i + batch], shape, device=device)
         c = labels[i : i + batch].to(device) if labels is not None else None
-        out.append(fn(z, c).float().cpu())
-    return torch.cat(out)
+        out[j] = fn(z, c).float().cpu()
+    return out
+
+
+def _gather_to_main(parts: dict[int, Tensor], world: int, rank: int) -> dict[int, Tensor] | None:
+    """Every rank's numbered batches, merged on rank 0 (None on the other ranks)."""
+    import torch.distributed as dist
+
+    gathered: list | None = [None] * world if rank == 0 else None
+    dist.gather_object(parts, gathered, dst=0)
+    if rank != 0:
+        return None
+    return {j: x for part in gathered for j, x in part.items()}
 
 
 @dataclass
@@ -264,11 +304,14 @@ def sample_run(
     guidance: float = 1.0,
     batch: int = 256,
     device: str | torch.device = "cpu",
-) -> tuple[Tensor, Tensor | None]:
+    ddp: Dist | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
     """``n`` samples [n, C, H, W] in [-1, 1] (unclipped floats) and their labels.
 
     Sample ``i`` depends only on the checkpoint, ``seed`` and ``i``. Class-conditional runs
     use ``class_label`` for every sample, or a uniform label per sample from its seed.
+    Under ``torchrun`` pass ``ddp`` (every rank calls it): the ranks share the batches and
+    rank 0 gets the samples, equal to one process's; the other ranks get None for them.
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -289,7 +332,7 @@ def sample_run(
     elif class_label is not None:
         raise ValueError("--class given but the run is unconditional")
     fn = run_sampler(run, nfe, guidance)
-    return generate(fn, run.shape, seeds, labels, batch, device), labels
+    return generate(fn, run.shape, seeds, labels, batch, device, ddp=ddp), labels
 
 
 def grid_labels(n: int, num_classes: int) -> Tensor | None:
@@ -533,7 +576,7 @@ def train_teacher_run(
             out,
             resume,
             start_fresh,
-            _resume_options(asdict(cfg), data=runs.tensor_digest(ds.images, ds.labels)),
+            _resume_options(asdict(cfg), data=runs.tensor_digest(ds.storage, ds.labels)),
             ddp,
         )
         cfg = _with_resumable(cfg, options)
@@ -828,7 +871,7 @@ def distill_run(
         check_teacher_data(teacher, ds, f"--data {data['data']}")
         digests = {
             "teacher": state_digest(teacher),
-            "data": runs.tensor_digest(ds.images, ds.labels if num_classes else None),
+            "data": runs.tensor_digest(ds.storage, ds.labels if num_classes else None),
         }
         options = _begin(out, resume, start_fresh, _resume_options(asdict(cfg), **digests), ddp)
         cfg = _with_resumable(cfg, options)

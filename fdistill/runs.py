@@ -274,7 +274,7 @@ def tensor_digest(*tensors: Tensor | None) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
     return h.hexdigest()
 
 

@@ -548,8 +548,11 @@ def make_batch_randoms(seed: int, ddp: Dist) -> dict[str, BatchRandom]:
     """Data and noise streams seeded alike on every rank; each rank keeps its rows of the
     global batch, so the run does not depend on the number of processes (see :mod:`fdistill.rng`).
     """
+    # Data indices are drawn on the CPU (the loader gathers host-side rows with them, and CPU
+    # and GPU runs then read the same batches); noise is drawn where the networks run.
+    devices = {"data": torch.device("cpu"), "noise": ddp.device}
     return {
-        name: BatchRandom(seed * 1_000_003 + i, ddp.rank, ddp.world, ddp.device)
+        name: BatchRandom(seed * 1_000_003 + i, ddp.rank, ddp.world, devices[name])
         for i, name in enumerate(("data", "noise"))
     }
 
@@ -1124,8 +1127,9 @@ def train_distill(
     start = run.begin(resume)
     # R1 differentiates the discriminator's feature network twice, which compiled graphs
     # (aot_autograd) do not support: that network stays eager when R1 is on.
-    r1_net = "teacher" if getattr(model.cfg, "disc_features", "teacher") == "teacher" else "fake"
-    eager = r1_net if getattr(model.cfg, "r1_gamma", 0) > 0 else None
+    loss_cfg = getattr(model, "cfg", None)
+    r1_net = "teacher" if getattr(loss_cfg, "disc_features", "teacher") == "teacher" else "fake"
+    eager = r1_net if getattr(loss_cfg, "r1_gamma", 0) > 0 else None
     if eager != "teacher":
         compile_modules([model.teacher], ddp.device, cfg.compile, cfg.compile_backend)
     if eager == "fake":

@@ -1,7 +1,8 @@
 """``load_dataset(spec)``: built-in data sets, image folders, ``.npz`` arrays and EDM zips.
 
-Every source ends as an :class:`ImageDataset` (float32 [N, C, H, W] in [-1, 1]). Nothing is
-downloaded: the built-ins come from installed packages, everything else from local files.
+Every source ends as an :class:`ImageDataset` (float32 [N, C, H, W] in [-1, 1]; 8-bit sources
+are held as uint8 and decoded per batch). Nothing is downloaded: the built-ins come from
+installed packages, everything else from local files.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def _load_mnist(max_images: int | None) -> ImageDataset:
     x, y = _mnist_arrays()
-    images = _UINT8_TO_FLOAT[x[:max_images].astype(np.uint8)].reshape(-1, 1, 28, 28)
+    images = torch.from_numpy(x[:max_images].astype(np.uint8).reshape(-1, 1, 28, 28))
     return ImageDataset(
         images, y[:max_images], num_classes=10, class_names=_DIGIT_NAMES, name="mnist"
     )
@@ -140,7 +141,7 @@ def load_dataset(
             )
         ds = BUILTIN_DATASETS[spec](max_images)
         if not labels:
-            ds = ImageDataset(ds.images, name=ds.name)
+            ds = ImageDataset(ds.storage, name=ds.name)
     else:
         path = Path(spec)
         source = repr(str(path))
@@ -375,6 +376,18 @@ def npz_images_to_float(
     return np.clip(y, -1, 1).astype(np.float32)
 
 
+def _npz_images(
+    images: np.ndarray, source: str, value_range: tuple[float, float] | None
+) -> Tensor | np.ndarray:
+    """uint8 [N, C, H, W] pixels for 8-bit arrays (kept compact), else float32 in [-1, 1]."""
+    x = np.asarray(images)
+    if value_range is not None or x.dtype != np.uint8:
+        return npz_images_to_float(x, source, value_range)
+    x = _to_nchw(x, source)
+    x = x[:, :1] if x.shape[1] == 2 else x[:, :3]
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
 def _load_npz(
     path: Path,
     max_images: int | None,
@@ -408,7 +421,7 @@ def _load_npz(
                 "match one to one"
             )
         y = y[:max_images]
-    images = npz_images_to_float(raw[:max_images] if raw.ndim else raw, source, value_range)
+    images = _npz_images(raw[:max_images] if raw.ndim else raw, source, value_range)
     num_classes = int(y.max()) + 1 if y is not None and y.size else None
     return ImageDataset(images, y, num_classes=num_classes, name=path.stem)
 
@@ -460,6 +473,15 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | None = None)
     dropped. 32-bit integer images must hold 16-bit values, float images are refused (their
     range is unknown). ``name`` is used in errors.
     """
+    return _as_float(_decode_pixels(source, name))
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    return _UINT8_TO_FLOAT[x] if x.dtype == np.uint8 else x
+
+
+def _decode_pixels(source: str | os.PathLike | IO[bytes], name: str | None = None) -> np.ndarray:
+    """:func:`decode_image`, but 8-bit images stay uint8 [C, H, W] (0..255)."""
     name = name or str(source)
     try:
         with PIL.Image.open(source) as im:
@@ -492,13 +514,15 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | None = None)
         raise ValueError(f"cannot read image {name!r}: {e}") from e
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"image {name!r} is empty ({x.shape[2]}x{x.shape[1]} pixels)")
-    return _UINT8_TO_FLOAT[x]
+    return x
 
 
 def _stack_images(
     items: Iterable[tuple[str, np.ndarray]], resolution: int | None, source: str
 ) -> Tensor:
-    """Stack decoded [C, H, W] images, checking they are square and (unless resized) one size."""
+    """Stack decoded [C, H, W] images, checking they are square and (unless resized) one size.
+
+    All 8-bit (uint8) and not resized: a uint8 stack; otherwise float32 in [-1, 1]."""
     arrays: list[np.ndarray] = []
     first: tuple[str, tuple[int, int]] | None = None
     for name, x in items:
@@ -508,7 +532,8 @@ def _stack_images(
                 f"image {name!r} is {w}x{h} (width x height); images must be square: crop them"
             )
         if resolution is not None:
-            x = resize(torch.from_numpy(x)[None], resolution)[0].numpy()
+            if h != resolution:
+                x = resize(torch.from_numpy(_as_float(x))[None], resolution)[0].numpy()
         elif first is None:
             first = (name, (w, h))
         elif (w, h) != first[1]:
@@ -521,6 +546,8 @@ def _stack_images(
         arrays.append(x)
     if not arrays:
         raise ValueError(f"no images found in {source}")
+    if any(x.dtype != np.uint8 for x in arrays):
+        arrays = [_as_float(x) for x in arrays]
     if any(x.shape[0] == 3 for x in arrays):
         arrays = [np.broadcast_to(x, (3, *x.shape[1:])) for x in arrays]
     return torch.from_numpy(np.stack(arrays))
@@ -534,7 +561,7 @@ def _list_images(root: Path) -> list[Path]:
 
 def _decoded(files: list[Path]) -> Iterable[tuple[str, np.ndarray]]:
     for p in files:
-        yield str(p), decode_image(p, str(p))
+        yield str(p), _decode_pixels(p, str(p))
 
 
 def _load_folder(
@@ -649,7 +676,7 @@ def _load_zip(
                     raw = zf.read(n)
                 except (OSError, zipfile.BadZipFile) as e:
                     raise ValueError(f"cannot read image {where!r}: {e}") from e
-                yield where, decode_image(io.BytesIO(raw), where)
+                yield where, _decode_pixels(io.BytesIO(raw), where)
 
         images = _stack_images(items(), resolution, source)
     return ImageDataset(images, y, name=path.stem)
