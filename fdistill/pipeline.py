@@ -733,8 +733,16 @@ class DistillConfig:
     grid_every: int = 100
     grid_n: int = 100
     device: str | None = None
+    # The official discriminator by default: 10 noise bins linear in sigma for the ratio
+    # normalisation, the unweighted x0 error for the fake score (benchmarks/results).
     loss: LossConfig = field(
-        default_factory=lambda: LossConfig(gan_weight=1e-2, disc_features="teacher")
+        default_factory=lambda: LossConfig(
+            gan_weight=1e-2,
+            disc_features="teacher",
+            ratio_binning="linear-sigma",
+            ratio_bins=10,
+            fake_weighting="none",
+        )
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
