@@ -4,8 +4,8 @@ One command trains (or reuses, from ``--work``) the demo's digits teacher
 (:func:`fdistill.demo.teacher_config`), evaluates it with deterministic Heun at
 ``--nfes`` (default 1, 2, 4, 8, 18, 35; every NFE >= 1 is exact, see
 :func:`fdistill.samplers.steps_for_nfe`), distils one-step students for every divergence x seed
-x GAN term on/off (``gan_weight`` default vs 0) with a fixed budget (``--distill-steps``), and
-writes into ``--out-dir``:
+x GAN term on/off (``gan_weight`` default vs 0, ``--gan``) with a fixed budget
+(``--distill-steps``), and writes into ``--out-dir``:
 
 * ``digits_table.md``: mean ± std over seeds of classifier FID against the data and against
   the 35-NFE teacher's own samples (the distillation target), k-NN precision / recall and class
@@ -13,6 +13,16 @@ writes into ``--out-dir``:
   35-NFE teacher (Inception FID against the data's statistics too with ``--inception PATH``);
 * ``digits_fid_vs_nfe.png``: teacher FID against NFE, students as points at NFE 1;
 * ``digits_students.png``: samples of every divergence (seed 0, GAN on), one column per class.
+
+The discriminator follows the official code by default: one head per encoder map of the
+frozen teacher (``--disc-taps`` empty = every ``enc*`` map), 10 ratio bins linear in sigma,
+the unweighted fake-score loss. The design of the earlier table (commit 5343770: a single head
+on the teacher's bottleneck, 8 log-sigma bins, EDM-weighted fake-score loss) is
+``--disc-taps mid --ratio-binning log-sigma --ratio-bins 8 --fake-weighting edm``. The table
+also reports what each student's ``metrics.jsonl`` says about its discriminator over the second
+half of training: the logit gap (overall and per ratio bin), the discriminator loss and the
+spread of the weights ``h_cv`` (std / mean of ``h`` in a batch; 0 means every divergence trains
+like reverse KL).
 
 Teacher rows use the seeds as *sampling* seeds, so their spread is the metrics' own noise.
 Samples/s are measured side by side in the main process after all jobs (interleaved rounds,
@@ -87,6 +97,12 @@ COLUMNS = (
     ("class_coverage", "class cov.", 2),
     ("class_tv_data", "class TV ↓", 3),
 )
+# From the students' metrics.jsonl (second half of training).
+LOG_COLUMNS = (
+    ("log_disc_gap", "disc gap", 2),
+    ("log_loss_disc", "disc loss", 3),
+    ("log_h_cv", "h_cv", 3),
+)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -105,8 +121,32 @@ def _student_config(teacher: Path, div: str, gan: bool, seed: int, a: dict) -> D
     d = distill_config(
         DemoConfig(divergence=div, distill_steps=a["distill_steps"], seed=seed), teacher
     )
-    loss = replace(d.loss, gan_weight=a["gan_weight"] if gan else 0.0)
-    return replace(d, grid_every=0, loss=loss, train=replace(d.train, progress=False))
+    loss = replace(
+        d.loss,
+        gan_weight=a["gan_weight"] if gan else 0.0,
+        ratio_binning=a["ratio_binning"],
+        ratio_bins=a["ratio_bins"],
+        fake_weighting=a["fake_weighting"],
+    )
+    taps = tuple(a["disc_taps"]) or None
+    return replace(
+        d, grid_every=0, disc_taps=taps, loss=loss, train=replace(d.train, progress=False)
+    )
+
+
+def log_stats(run: Path, start_frac: float = 0.5) -> dict[str, float]:
+    """Means over the logged steps after ``start_frac`` of training of a student's
+    ``metrics.jsonl``: ``log_<key>`` for the discriminator's loss and logit gap (overall and
+    ``disc_gap/bin<k>`` per ratio bin) and the weights' spread ``h_*``."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["step"] for r in recs)
+    recs = [r for r in recs if r["step"] > start_frac * last]
+    keys = {k for r in recs for k in r if k.startswith(("disc_gap", "h_", "loss_disc"))}
+    out = {}
+    for k in sorted(keys):
+        vals = [r[k] for r in recs if k in r]
+        out[f"log_{k}"] = sum(vals) / len(vals)
+    return out
 
 
 def _cached_student(out: Path, cfg: DistillConfig, teacher_step: int) -> bool:
@@ -157,6 +197,7 @@ def run_job(job: dict) -> dict:
             row["train_s"] = distill_run(cfg, out).seconds
             atomic_write_text(json.dumps({"train_s": row["train_s"]}), out / "timing.json")
         run, nfe = load_run(out), None
+        row |= log_stats(out)
     else:
         run, nfe = load_run(job["teacher"]), job["nfe"]
     x, seconds = generate_samples(run, job["n"], EVAL_SEED0 + job["seed"], nfe, batch=256)
@@ -199,6 +240,7 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[tuple, dict[str, tuple[
 def markdown(summary: dict, speed: dict, a: dict, wall_s: float, command: str) -> str:
     """The table file: command, wall time, settings, one row per teacher NFE / student kind."""
     cols = list(COLUMNS) + ([("fid", "Inception FID ↓", 2)] if a["inception"] else [])
+    cols += list(LOG_COLUMNS)
     head = ["model", "NFE", "GAN", *[c[1] for c in cols], "samples/s", "speed-up"]
     lines = [
         "# Results on 8x8 digits: teacher vs one-step f-distill students",
@@ -209,12 +251,16 @@ def markdown(summary: dict, speed: dict, a: dict, wall_s: float, command: str) -
         "",
         f"Teacher: the demo's UNet, {a['teacher_step']} steps, Heun sampling. Students: "
         f"{a['distill_steps']} generator steps each (demo settings: batch 64, critic ratio 5), "
-        f"GAN weight {a['gan_weight']:g} or 0. Metrics on {a['n']} samples against the "
+        f"GAN weight {a['gan_weight']:g} or 0. Discriminator: heads on the teacher's "
+        f"{a['taps_text']} map(s), {a['ratio_bins']} {a['ratio_binning']} ratio bins, fake-score "
+        f"loss weighting '{a['fake_weighting']}'. Metrics on {a['n']} samples against the "
         f"{a['num_data']} digits, in the shipped digit classifier's feature space; "
         f"'cFID teacher' is against {a['n']} samples of the {REF_NFE}-NFE teacher (other seeds). "
         f"Mean ± std over seeds {a['seeds']} (teacher: over sampling seeds). Samples/s: "
         f"generation of {a['time_n']} samples, one thread, median of 3 interleaved rounds; "
-        f"speed-up against the {REF_NFE}-NFE teacher.",
+        f"speed-up against the {REF_NFE}-NFE teacher. 'disc gap' (mean logit real − fake, "
+        f"nats), 'disc loss' (2 ln 2 = 1.386 at chance) and 'h_cv' (std / mean of the weights "
+        f"h in a batch) are the students' own logs, averaged over the second half of training.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
@@ -229,7 +275,73 @@ def markdown(summary: dict, speed: dict, a: dict, wall_s: float, command: str) -
             f"{sps / speed[_speed_key('teacher', 'teacher', REF_NFE, False)]:.1f}x",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *bin_table(summary, a)]
     return "\n".join(lines) + "\n"
+
+
+def bin_table(summary: dict, a: dict) -> list[str]:
+    """Per ratio bin: its noise range, the share of training noise levels in it, and each
+    student's mean logit gap there (from its logs)."""
+    from fdistill.denoisers.edm import karras_sigmas
+    from fdistill.loss import SigmaBins
+
+    lo, hi = 0.002, 80.0
+    bins = SigmaBins(lo, hi, a["ratio_bins"], a["ratio_binning"])
+    grid = karras_sigmas(1000, lo, hi, 7.0)[1:-1].float()  # FDistill.sample_sigma's grid
+    share = torch.bincount(bins(grid), minlength=bins.num_bins).double() / len(grid)
+    edges = [lo, *[float(e) for e in bins.edges], hi]
+    if a["ratio_binning"] == "log-sigma":
+        edges = [lo, *[float(torch.exp(torch.tensor(e))) for e in bins.edges], hi]
+    nb = bins.num_bins
+    lines = [
+        f"Mean logit gap per ratio bin (nats, students' logs, second half of training; "
+        f"{a['ratio_binning']}, {nb} bins over σ ∈ [{lo:g}, {hi:g}]; 'share' is the fraction of "
+        f"training noise levels that fall in the bin):",
+        "",
+        "| student | GAN | " + " | ".join(f"bin {k}" for k in range(nb)) + " |",
+        "|---|---|" + "---:|" * nb,
+        "| σ range | | "
+        + " | ".join(f"{edges[k]:.3g}–{edges[k + 1]:.3g}" for k in range(nb))
+        + " |",
+        "| share | | " + " | ".join(f"{float(v):.0%}" for v in share) + " |",
+    ]
+    for (kind, name, _, gan), s in summary.items():
+        if kind != "student":
+            continue
+        cells = [
+            f"{s[f'log_disc_gap/bin{k}'][0]:.2f}" if f"log_disc_gap/bin{k}" in s else "—"
+            for k in range(nb)
+        ]
+        lines.append(f"| {name} | {'on' if gan else 'off'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_table(rows: list[dict], base: str = "rkl") -> list[str]:
+    """Each student's cFID minus that of the ``base`` divergence with the same seed and GAN
+    setting (the same data and noise streams), mean ± std over seeds: differences smaller than
+    the seed-to-seed spread show up here when they keep their sign."""
+    students = [r for r in rows if r["kind"] == "student"]
+    ref = {(r["gan"], r["seed"]): r["cfid"] for r in students if r["name"] == base}
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    for r in students:
+        if r["name"] != base and (r["gan"], r["seed"]) in ref:
+            d = r["cfid"] - ref[(r["gan"], r["seed"])]
+            groups.setdefault((r["name"], r["gan"]), []).append((r["seed"], d))
+    if not groups:
+        return []
+    lines = [
+        f"cFID against the data minus {base}'s, paired by seed (same data and noise draws); "
+        "the per-seed differences in brackets:",
+        "",
+        "| student | GAN | Δ cFID | per seed |",
+        "|---|---|---:|---|",
+    ]
+    for (name, gan), ds in groups.items():
+        ds.sort()
+        m, e = mean_std([d for _, d in ds])
+        per = ", ".join(f"{d:+.2f}" for _, d in ds)
+        lines.append(f"| {name} | {'on' if gan else 'off'} | {m:+.2f} ± {e:.2f} | [{per}] |")
+    return lines
 
 
 def _speed_key(kind: str, name: str, nfe: int, gan: bool) -> str:
@@ -338,6 +450,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--gan-weight", type=float, default=DistillConfig().loss.gan_weight, help="GAN-on weight"
     )
+    p.add_argument("--gan", default="on,off", help="GAN term settings to train: on, off or both")
+    p.add_argument(
+        "--disc-taps",
+        default="",
+        help="teacher feature maps of the discriminator heads (empty: every encoder map; "
+        "'mid': the bottleneck, the first table's design)",
+    )
+    p.add_argument("--ratio-binning", default="linear-sigma", choices=("linear-sigma", "log-sigma"))
+    p.add_argument("--ratio-bins", type=int, default=10)
+    p.add_argument("--fake-weighting", default="none", choices=("none", "edm"))
     p.add_argument("--n", type=int, default=2000, help="samples per evaluation")
     p.add_argument("--time-n", type=int, default=1000, help="samples per throughput measurement")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
@@ -384,6 +506,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--divergences: unknown {unknown}; valid: {', '.join(NAMES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     nfes = sorted({_valid_nfe(int(k)) for k in args.nfes.split(",") if k} | {REF_NFE})
+    gans = [g for g in args.gan.split(",") if g]
+    if not gans or set(gans) - {"on", "off"}:
+        raise SystemExit(f"--gan: expected on, off or on,off; got {args.gan!r}")
+    gan_modes = [g == "on" for g in ("on", "off") if g in gans]
+    disc_taps = [t for t in args.disc_taps.split(",") if t]
 
     # 1. The teacher (the demo's), cached in --work.
     t_dir = work / "teacher"
@@ -409,6 +536,10 @@ def main(argv: list[str] | None = None) -> None:
         "teacher_ref": str(ref_path),
         "distill_steps": args.distill_steps,
         "gan_weight": args.gan_weight,
+        "disc_taps": disc_taps,
+        "ratio_binning": args.ratio_binning,
+        "ratio_bins": args.ratio_bins,
+        "fake_weighting": args.fake_weighting,
     }
     if args.inception:
         det = Path(args.inception).resolve()
@@ -436,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
             "dir": str(_student_dir(work, d, gan, s)),
         }
         for d in divergences
-        for gan in (True, False)
+        for gan in gan_modes
         for s in seeds
     ]
     jobs += [
@@ -445,15 +576,18 @@ def main(argv: list[str] | None = None) -> None:
         for s in seeds
     ]
     print(f"{len(jobs)} jobs on {args.jobs} process(es) ...", flush=True)
-    with mp.get_context("spawn").Pool(max(1, args.jobs)) as pool:
-        rows = list(pool.imap_unordered(run_job, jobs, chunksize=1))
+    if args.jobs <= 1:  # in this process (also when the script is imported, not run)
+        rows = [run_job(j) for j in jobs]
+    else:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            rows = list(pool.imap_unordered(run_job, jobs, chunksize=1))
 
     # 4. Throughput, side by side in this process.
     speed_runs = {f"teacher-{k}": (str(t_dir), k) for k in nfes}
     speed_runs |= {
         f"{d}-{'gan' if g else 'nogan'}": (str(_student_dir(work, d, g, seeds[0])), None)
         for d in divergences
-        for g in (True, False)
+        for g in gan_modes
     }
     print("throughput ...", flush=True)
     speed = measure_throughput(speed_runs, args.time_n)
@@ -465,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
         for i, d in enumerate(divergences)
         for g in (True, False)
     }
-    keys = [c[0] for c in COLUMNS] + ["fid", "train_s", "job_samples_per_s"]
+    keys = [c[0] for c in COLUMNS + LOG_COLUMNS] + ["fid", "train_s", "job_samples_per_s"]
+    keys += sorted({k for r in rows for k in r if k.startswith("log_")} - set(keys))
     summary = dict(sorted(aggregate(rows, keys).items(), key=lambda kv: order[kv[0]]))
     info = vars(args) | {"seeds": seeds, "cpus": os.cpu_count(), "teacher_step": teacher.step}
     students = [r for r in rows if r["kind"] == "student"]
@@ -476,9 +611,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{n_reused} of {len(students)} students reused from {work}"
     )
     info["num_data"] = len(load_dataset("digits"))
+    info["taps_text"] = ",".join(disc_taps) if disc_taps else "encoder (every enc*)"
     wall = time.perf_counter() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(summary, speed, info, wall, command)
+    students_rows = [r for r in rows if r["kind"] == "student"]
+    paired = paired_table(
+        sorted(students_rows, key=lambda r: (divergences.index(r["name"]), not r["gan"]))
+    )
+    table += "\n" + "\n".join(paired) + "\n" if paired else ""
     atomic_write_text(table, out_dir / "digits_table.md")
     fid_figure(summary, divergences, out_dir / "digits_fid_vs_nfe.png", bool(args.inception))
     grid_seeds, labels = sample_seeds(0, 20), torch.arange(20) % 10
@@ -488,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     }
     for d in divergences:
-        student = load_run(_student_dir(work, d, True, seeds[0]))
+        student = load_run(_student_dir(work, d, gan_modes[0], seeds[0]))
         blocks[d] = generate(student.model, student.shape, grid_seeds, labels)
     samples_figure(blocks, out_dir / "digits_students.png")
     raw = {"command": command, "wall_s": wall, "args": info, "speed": speed, "rows": rows}
