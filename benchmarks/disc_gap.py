@@ -185,7 +185,7 @@ def run_job(job: dict) -> dict:
         z, c = sample_latents(job["batch"], gens["noise"])
         loss, stats = model.critic_loss(z, c, x_real, c_real, gens["noise"])
         optimizer_step(opt, params, loss, stats, step=step, grad_clip=10.0, world=1)
-        logged.append({k: stats[k] for k in ("loss_disc", "disc_gap", "loss_dsm")})
+        logged.append({k: float(stats[k]) for k in ("loss_disc", "disc_gap", "loss_dsm")})
         if step in evals:
             history[step] = held_out_eval(model, sets, job["reps"])
     tail = logged[-max(1, len(logged) // 10) :]  # the last 10% of steps, as the logs show them

@@ -96,27 +96,15 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(True)
 
 
-def _host(values: dict[str, Tensor], binned: dict[str, Tensor] | None = None) -> dict[str, float]:
-    """Scalar statistics as floats with one device-to-host copy.
+def _host(values: dict[str, Tensor], binned: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Statistics as detached float 0-dim tensors where they were computed: no host sync.
 
-    ``binned`` maps a name to ``[2, num_bins]`` (sum, count) rows; a bin with samples becomes
-    the key ``name/bin<k>`` holding its mean, an empty bin is left out.
+    ``binned`` maps a name to ``[2, num_bins]`` (sum, count) rows, kept as ``name/bins``; at a
+    logging step :func:`fdistill.training.host_stats` turns them into ``name/bin<k>`` means
+    (empty bins left out) with one device-to-host copy for everything.
     """
-    flat = [v.detach().float().reshape(1) for v in values.values()]
-    flat += [b.detach().float().reshape(-1) for b in (binned or {}).values()]
-    host = torch.cat(flat).tolist()
-    out = dict(zip(values, host[: len(values)], strict=True))
-    pos = len(values)
-    for name, b in (binned or {}).items():
-        nb = b.shape[1]
-        sums, counts = host[pos : pos + nb], host[pos + nb : pos + 2 * nb]
-        pos += 2 * nb
-        out |= {
-            f"{name}/bin{k}": s / c
-            for k, (s, c) in enumerate(zip(sums, counts, strict=True))
-            if c > 0
-        }
-    return out
+    out = {k: v.detach().float() for k, v in values.items()}
+    return out | {f"{name}/bins": b.detach().float() for name, b in (binned or {}).items()}
 
 
 class FDistill(nn.Module):

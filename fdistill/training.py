@@ -1168,6 +1168,7 @@ def train_distill(
         with _installed(model, trained):
             for step in range(start, cfg.steps):
                 done = step + 1
+                cparts = []
                 for _ in range(cfg.critic_ratio):
                     opt_c.zero_grad(set_to_none=True)
                     cstats = accumulate(critic_loss, critic_names, gen_names)
@@ -1180,6 +1181,8 @@ def train_distill(
                         guard=guard,
                         norm_key="grad_norm_critic",
                     )
+                    cparts.append(cstats)
+                cstats = merge_stats(cparts)  # logged: the mean over this step's critic updates
                 opt_g.zero_grad(set_to_none=True)
                 gstats = accumulate(generator_loss, gen_names, critic_names)
                 apply_update(

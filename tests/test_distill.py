@@ -25,6 +25,7 @@ from fdistill.loss import (
     gan_generator_loss,
     r1_penalty,
 )
+from fdistill.training import host_stats
 
 
 def _model(
@@ -166,7 +167,7 @@ def test_fake_score_weighting_is_the_direct_computation():
     for w in ("edm", "none"):
         m = _model("fake", 0.0, fake_weighting=w)
         _, stats = m.critic_loss(z, cond, x_real, cond_real, torch.Generator().manual_seed(4))
-        got[w] = stats["loss_dsm"]
+        got[w] = float(stats["loss_dsm"])
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         x0 = m.generator(z, cond)
@@ -182,7 +183,10 @@ def test_fake_score_weighting_is_the_direct_computation():
 def test_critic_statistics_per_noise_bin():
     m = _model("teacher", 0.5, ratio_binning="linear-sigma", ratio_bins=10)
     z, cond, x_real, cond_real = _inputs()
-    _, stats = m.critic_loss(z, cond, x_real, cond_real, torch.Generator().manual_seed(9))
+    _, dev_stats = m.critic_loss(z, cond, x_real, cond_real, torch.Generator().manual_seed(9))
+    # Statistics stay on the device (no host sync per update) until a logging step.
+    assert all(isinstance(v, torch.Tensor) for v in dev_stats.values())
+    stats = host_stats(dev_stats)
     # Recompute logits and bins directly from the same draws.
     gen = torch.Generator().manual_seed(9)
     with torch.no_grad():
@@ -213,6 +217,7 @@ def test_generator_statistics_spread_of_h():
     m = _model("fake", 0.0, normalize=False)
     z, cond, _, _ = _inputs()
     _, stats = m.generator_loss(z, cond, torch.Generator().manual_seed(5))
+    stats = host_stats(stats)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         x = m.generator(z, cond)
