@@ -333,6 +333,15 @@ def drop_labels(rows: Tensor, p: float, training: bool) -> Tensor:
     return rows * keep.to(rows.dtype)
 
 
+def init_kwargs_of(args: dict) -> dict:
+    """A constructor's arguments (its ``locals()`` on entry) as JSON-able ``init_kwargs``:
+    sequences become lists, ``self`` and ``__class__`` are dropped."""
+    skip = ("self", "__class__")
+    return {
+        k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items() if k not in skip
+    }
+
+
 class EDMUNetBase(FeatureTaps, nn.Module):
     """What SongUNet and DhariwalUNet share: encoder/decoder ``ModuleDict``s named as EDM
     names them (``"<R>x<R>_<what>"``), their forward loops, and the discriminator taps.

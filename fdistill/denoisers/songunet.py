@@ -30,6 +30,7 @@ from fdistill.denoisers.edm_layers import (
     UNetBlock,
     class_rows,
     drop_labels,
+    init_kwargs_of,
     noise_batch,
 )
 
@@ -83,25 +84,7 @@ class SongUNet(EDMUNetBase):
         _choice("decoder_type", decoder_type, DECODER_TYPES)
         check_levels(img_resolution, channel_mult, "SongUNet")
         super().__init__()
-        self.init_kwargs = dict(
-            img_resolution=img_resolution,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            label_dim=label_dim,
-            augment_dim=augment_dim,
-            model_channels=model_channels,
-            channel_mult=list(channel_mult),
-            channel_mult_emb=channel_mult_emb,
-            num_blocks=num_blocks,
-            attn_resolutions=list(attn_resolutions),
-            dropout=dropout,
-            label_dropout=label_dropout,
-            embedding_type=embedding_type,
-            channel_mult_noise=channel_mult_noise,
-            encoder_type=encoder_type,
-            decoder_type=decoder_type,
-            resample_filter=list(resample_filter),
-        )
+        self.init_kwargs = init_kwargs_of(locals())
         self.img_resolution, self.img_channels = img_resolution, in_channels
         self.out_channels, self.label_dim, self.augment_dim = out_channels, label_dim, augment_dim
         self.label_dropout = label_dropout
