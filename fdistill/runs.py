@@ -118,11 +118,12 @@ def is_checkpoint_file(path: Path) -> bool:
         return False
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load an fdistill checkpoint safely (``weights_only``); one-line errors naming the file."""
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load an fdistill checkpoint safely (``weights_only``); one-line errors naming the file.
+    ``mmap`` maps the tensors instead of reading them (cheap when only the config is needed)."""
     p = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in first or "Unsupported global" in str(e):

@@ -35,7 +35,7 @@ def _run_kind(path: Path) -> str | None:
     if not is_checkpoint_file(p):
         return None
     try:
-        return load_checkpoint(p)["config"].get("kind")
+        return load_checkpoint(p, mmap=True)["config"].get("kind")
     except (ValueError, OSError):
         return None
 
