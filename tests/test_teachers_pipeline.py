@@ -131,3 +131,10 @@ def test_teacher_that_does_not_fit_the_data_is_refused_before_training(tmp_path)
     out = tmp_path / "run"
     assert main(_distill(SONG, bad, out)) == 2
     assert not (out / "checkpoint.pt").exists()
+
+
+@needs_fixtures
+def test_raw_teacher_option_is_refused_for_a_pickle(tmp_path, capsys):
+    data = _rgb_npz(tmp_path / "d.npz")
+    assert main(_distill(SONG, data, tmp_path / "run", "--raw-teacher")) == 2
+    assert "--raw-teacher" in capsys.readouterr().err

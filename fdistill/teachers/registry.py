@@ -73,7 +73,18 @@ def accepted(known: list[TeacherFormat] | None = None) -> str:
 
 def load_teacher(path: str | Path, **options) -> nn.Module:
     """Load ``path`` as a frozen denoiser (eval mode, no weight gradients)."""
-    model = detect_format(path).load(Path(path), **options)
+    fmt = detect_format(path)
+    if options:
+        import inspect
+
+        params = inspect.signature(fmt.load).parameters
+        bad = [k for k in options if k not in params]
+        if bad:
+            raise ValueError(
+                f"'{path}' is a {fmt.name} teacher, which takes no option {', '.join(bad)} "
+                "(e.g. --raw-teacher applies to fdistill teacher runs only)"
+            )
+    model = fmt.load(Path(path), **options)
     return model.requires_grad_(False).eval()
 
 
