@@ -207,6 +207,14 @@ def _check_outputs(*pairs: tuple[str, str | None]) -> None:
             check_writable(path, flag, is_file=True)
 
 
+def _one_process(what: str) -> None:
+    """Refuse to run ``what`` under torchrun: every rank would write the same files."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{what} runs in one process; run it without torchrun")
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -476,6 +484,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from fdistill.training import distributed
 
     if args.prompt is not None or args.prompts is not None:
+        _one_process("text-to-image sampling")
         return _run_sample_t2i(args)
     if not args.grid and not args.out:
         raise ValueError("nothing to write: pass --grid PNG and/or --out NPZ")
@@ -611,6 +620,8 @@ def run_eval(args: argparse.Namespace) -> int:
     t2i_metrics = "clip" in (args.metrics or "").split(",")
     if args.captions or args.clip or t2i_metrics:
         from fdistill import t2i
+
+        _one_process("text-to-image evaluation")
 
         res = t2i.evaluate_t2i(
             args.ckpt,

@@ -448,3 +448,11 @@ def test_gpu_benchmark_script_runs_tiny_on_cpu():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| bf16")]
     assert len(rows) == 2 and "OOM" not in proc.stdout
     assert "one-step sampling, batch 2" in proc.stdout
+
+
+def test_t2i_sampling_refuses_torchrun(sd, monkeypatch, tmp_path, capsys):
+    """Under torchrun every rank would write the same files: one line, exit 2."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["sample", "--ckpt", str(sd), "--prompt", "a cat", "--grid", str(tmp_path / "g.png")]
+    assert main(args) == 2
+    assert "without torchrun" in capsys.readouterr().err
