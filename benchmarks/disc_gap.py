@@ -70,6 +70,9 @@ from fdistill.runs import atomic_write_text
 from fdistill.teachers import load_teacher
 from fdistill.training import Dist, make_batch_randoms, optimizer_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_table import apply_quick  # noqa: E402
+
 VARIANTS = {  # name: (feature source, taps; None = every encoder map)
     "teacher-mid": ("teacher", ("mid",)),
     "teacher-enc": ("teacher", None),
@@ -329,15 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/disc_gap.md")
     p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets")
     args = p.parse_args(argv)
+    given = apply_quick(args, argv, QUICK)
     if args.quick:
-        given = {
-            a.split("=")[0].lstrip("-").replace("-", "_")
-            for a in (argv if argv is not None else sys.argv[1:])
-            if a.startswith("--")
-        }
-        for k, v in QUICK.items():
-            if k not in given:
-                setattr(args, k, v)
         if "out" not in given:
             args.out = str(Path(args.work) / "results" / "disc_gap.md")
         if "seeds" not in given:

@@ -79,6 +79,9 @@ from fdistill.runs import atomic_write_text, load_checkpoint
 from fdistill.teachers import load_teacher
 from fdistill.training import Dist, TrainConfig, make_batch_randoms, train_distill
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_table import apply_quick  # noqa: E402
+
 RARE = (0, 1, 2, 3, 4)
 DIVERGENCES = ("rkl", "js", "fkl", "hellinger")
 EVAL_SEED, REF_SEED = 3000, 4000  # student / teacher evaluation samples (disjoint)
@@ -439,17 +442,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        given = {
-            x.split("=")[0].lstrip("-").replace("-", "_")
-            for x in (argv if argv is not None else sys.argv[1:])
-            if x.startswith("--")
-        }
-        for k, v in QUICK.items():
-            if k not in given:
-                setattr(args, k, v)
-        if "out_dir" not in given:
-            args.out_dir = str(Path(args.work) / "results")
+    given = apply_quick(args, argv, QUICK)
+    if args.quick and "out_dir" not in given:
+        args.out_dir = str(Path(args.work) / "results")
     return args
 
 

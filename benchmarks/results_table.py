@@ -477,18 +477,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke run: 2 divergences, 1 seed, 20 steps, small n, its own --work",
     )
     args = p.parse_args(argv)
-    if args.quick:  # quick sizes, unless given explicitly
-        given = {
-            a.split("=")[0].lstrip("-").replace("-", "_")
-            for a in (argv if argv is not None else sys.argv[1:])
-            if a.startswith("--")
-        }
-        for k, v in QUICK.items():
+    given = apply_quick(args, argv, QUICK)
+    if args.quick and "out_dir" not in given:  # never over the committed results
+        args.out_dir = str(Path(args.work) / "results")
+    return args
+
+
+def apply_quick(args: argparse.Namespace, argv: list[str] | None, quick: dict) -> set[str]:
+    """With ``--quick``, set the ``quick`` sizes on ``args`` except the options given
+    explicitly; return the names of those given (``dest`` form)."""
+    given = {
+        a.split("=")[0].lstrip("-").replace("-", "_")
+        for a in (argv if argv is not None else sys.argv[1:])
+        if a.startswith("--")
+    }
+    if args.quick:
+        for k, v in quick.items():
             if k not in given:
                 setattr(args, k, v)
-        if "out_dir" not in given:  # never over the committed results
-            args.out_dir = str(Path(args.work) / "results")
-    return args
+    return given
 
 
 def main(argv: list[str] | None = None) -> None:
