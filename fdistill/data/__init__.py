@@ -7,9 +7,9 @@ from fdistill.data.loading import (
     check_labels,
     decode_image,
     load_dataset,
-    npz_images_to_float,
     resize,
 )
+from fdistill.data.npz import npz_images_to_float
 
 __all__ = [
     "BUILTIN_DATASETS",

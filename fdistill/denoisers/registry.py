@@ -2,15 +2,17 @@
 
 Every denoiser fdistill trains, loads or exports carries ``.config``, a JSON-able dict whose
 ``type`` names a builder registered here; ``build_denoiser(config)`` makes the same network
-(random weights; load a state dict into it). A teacher family registers its builder in its
-own file (``@register_model("edm")``), so runs, exports and students rebuild themselves
-without knowing the family.
+(random weights; load a state dict into it). The networks that live in this package
+(``unet``, ``mlp`` and EDM's ``SongUNet``/``DhariwalUNet`` behind EDM, VP or VE
+preconditioning: type ``edm``) are built here. A teacher family whose networks come from
+another library (diffusers) registers its builder in its own file of
+:mod:`fdistill.teachers` (``@register_model("sd-unet")``), which happens when
+``fdistill.teachers`` is imported; this module never imports the teachers (imports run
+downward only).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 
 from torch import nn
@@ -30,22 +32,19 @@ def register_model(type_name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
-def _load_families() -> None:
-    """Import every module of :mod:`fdistill.teachers` so their builders are registered."""
-    import fdistill.teachers as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+def registered_types() -> list[str]:
+    """The model types :func:`build_denoiser` can build now (sorted)."""
+    return sorted(_BUILDERS)
 
 
 def build_denoiser(config: Mapping) -> nn.Module:
     """A fresh denoiser for ``config`` (random weights), with ``.config`` set to a copy of it."""
     kind = config.get("type")
     if kind not in _BUILDERS:
-        _load_families()
-    if kind not in _BUILDERS:
         raise ValueError(
-            f"unknown model type {kind!r} in the config; known: {', '.join(sorted(_BUILDERS))}"
+            f"unknown model type {kind!r} in the config; known: {', '.join(sorted(_BUILDERS))} "
+            "(the types of teacher families, e.g. diffusers' 'diffusers-unet2d' and 'sd-unet', "
+            "are known once fdistill.teachers is imported)"
         )
     model = _BUILDERS[kind](dict(config))
     model.config = dict(config)
@@ -90,4 +89,42 @@ def _build_own(config: dict) -> nn.Module:
     return EDMPrecond(net, sigma_data=sigma_data)
 
 
-__all__ = ["build_denoiser", "copy_denoiser", "inference_config", "register_model"]
+EDM_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
+"""EDM's preconditioning wrappers that type ``edm`` configs can name."""
+
+
+@register_model("edm")
+def build_edm(config: dict) -> nn.Module:
+    """``{"type": "edm", "precond": ..., "precond_kwargs": {...}, "network": ...,
+    "network_kwargs": {...}}`` -> the preconditioned EDM network (random weights)."""
+    from fdistill.denoisers.edm import EDMPrecond, VEPrecond, VPPrecond
+    from fdistill.denoisers.songunet import NETWORKS
+
+    precond = config.get("precond", "EDMPrecond")
+    wrappers = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+    if precond not in wrappers:
+        raise ValueError(
+            f"EDM preconditioning '{precond}' is not supported; supported: {', '.join(wrappers)}"
+        )
+    name = config.get("network", "")
+    if name not in NETWORKS:
+        raise ValueError(
+            f"EDM network class '{name}' is not supported; supported: {', '.join(NETWORKS)}"
+        )
+    cls = NETWORKS[name]
+    try:
+        net = cls(**config.get("network_kwargs", {}))
+        return wrappers[precond](net, **config.get("precond_kwargs", {}))
+    except TypeError as e:
+        raise ValueError(f"bad edm model config for {cls.__name__}/{precond}: {e}") from None
+
+
+__all__ = [
+    "EDM_PRECONDS",
+    "build_denoiser",
+    "build_edm",
+    "copy_denoiser",
+    "inference_config",
+    "register_model",
+    "registered_types",
+]

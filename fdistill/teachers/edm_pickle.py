@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fdistill.denoisers.edm import EDMPrecond, VEPrecond, VPPrecond
-from fdistill.denoisers.registry import build_denoiser, register_model
+from fdistill.denoisers.registry import build_denoiser, build_edm
+from fdistill.denoisers.songunet import NETWORKS as _NETWORK_CLASSES
 from fdistill.teachers.registry import TeacherFormat, TeacherInfo, register_format
+from fdistill.userfiles import UserFileError, user_file
 
 _MARKER = b"_reconstruct_persistent_obj"  # the global every EDM persistent object reduces to
 _HEAD_BYTES = 1 << 16
@@ -42,9 +44,8 @@ _PRECOND_ATTRS: dict[str, dict[str, float]] = {
     "VPPrecond": {"beta_d": 19.9, "beta_min": 0.1, "M": 1000, "epsilon_t": 1e-5},
     "VEPrecond": {"sigma_min": 0.02, "sigma_max": 100.0},
 }
-NETWORKS: dict[str, str] = {  # class name -> module that defines it (imported on demand)
-    "SongUNet": "fdistill.denoisers.songunet",
-    "DhariwalUNet": "fdistill.denoisers.dhariwal",
+NETWORKS: dict[str, str] = {  # class name -> module that defines it
+    name: cls.__module__ for name, cls in _NETWORK_CLASSES.items()
 }
 # EDM's generate.py clips the network's own range to this sampling range
 _SAMPLE_SIGMA_MIN, _SAMPLE_SIGMA_MAX = 0.002, 80.0
@@ -290,33 +291,6 @@ def is_edm_pickle(path: Path) -> bool:
 # ---------------------------------------------------------------------------- the family
 
 
-def _network_class(name: str) -> type[nn.Module]:
-    if name not in NETWORKS:
-        raise ValueError(
-            f"EDM network class '{name}' is not supported; supported: {', '.join(NETWORKS)}"
-        )
-    import importlib
-
-    return getattr(importlib.import_module(NETWORKS[name]), name)
-
-
-@register_model("edm")
-def build_edm(config: dict) -> EDMPrecond:
-    """``{"type": "edm", "precond": ..., "precond_kwargs": {...}, "network": ...,
-    "network_kwargs": {...}}`` -> the preconditioned network (random weights)."""
-    precond = config.get("precond", "EDMPrecond")
-    if precond not in PRECONDS:
-        raise ValueError(
-            f"EDM preconditioning '{precond}' is not supported; supported: {', '.join(PRECONDS)}"
-        )
-    cls = _network_class(config.get("network", ""))
-    try:
-        net = cls(**config.get("network_kwargs", {}))
-        return PRECONDS[precond](net, **config.get("precond_kwargs", {}))
-    except TypeError as e:
-        raise ValueError(f"bad edm model config for {cls.__name__}/{precond}: {e}") from None
-
-
 def _plain(v: Any) -> Any:
     """JSON-able copy: numpy scalars to Python numbers, tuples to lists."""
     if isinstance(v, np.generic):
@@ -384,6 +358,51 @@ def _sampling_range(model: EDMPrecond, rec: PersistentRecord) -> tuple[float, fl
     return max(lo, _SAMPLE_SIGMA_MIN), min(hi, _SAMPLE_SIGMA_MAX)
 
 
+# Bounds on what an EDM network's kwargs may declare: far above every published network
+# (EDM's largest: ImageNet-64 ADM, 192 channels, mult up to 4, 3 blocks) and far below what
+# would take seconds or gigabytes to build.
+_KWARG_LIMITS = {
+    "img_resolution": 4096,
+    "in_channels": 64,
+    "out_channels": 64,
+    "label_dim": 100_000,
+    "model_channels": 4096,
+    "num_blocks": 64,
+    "augment_dim": 1024,
+    "channel_mult_noise": 64,
+    "channel_mult_emb": 64,
+}
+_MAX_LIST = 64
+
+
+def check_network_kwargs(config: dict, path: Path) -> None:
+    """One-line ``UserFileError`` for network kwargs no real EDM network has (negative or huge
+    sizes, huge lists), checked before the network is built even on the ``meta`` device."""
+    kw = config.get("network_kwargs")
+    if not isinstance(kw, dict):
+        raise UserFileError(path, "the network's init_kwargs are not a dict")
+    for k, v in kw.items():
+        if isinstance(v, list | tuple):
+            if len(v) > _MAX_LIST:
+                raise UserFileError(path, f"network kwarg {k} is a list of {len(v)} values")
+            values = v
+        else:
+            values = [v]
+        for x in values:
+            if isinstance(x, bool) or not isinstance(x, int):
+                continue
+            limit = _KWARG_LIMITS.get(k, 1 << 20)
+            if not 0 <= x <= limit:
+                raise UserFileError(
+                    path, f"network kwarg {k}={x} is outside 0..{limit}; a crafted or corrupt file"
+                )
+    mult = kw.get("channel_mult") or [1]
+    if isinstance(mult, list | tuple) and all(isinstance(m, int) for m in mult):
+        widest = int(kw.get("model_channels") or 0) * max([1, *mult])
+        if widest > _KWARG_LIMITS["model_channels"] * 4:
+            raise UserFileError(path, f"the network declares {widest} channels at its widest")
+
+
 def load_edm_pickle(path: str | Path, key: str = "ema") -> EDMPrecond:
     """The network under ``key`` of an EDM pickle as a denoiser with ``.info`` and ``.config``.
 
@@ -399,18 +418,18 @@ def load_edm_pickle(path: str | Path, key: str = "ema") -> EDMPrecond:
             f"{', '.join(map(str, nets)) or 'none'}"
         )
     config = _config_from_record(rec, str(path))
-    try:
-        model = build_denoiser(config)
-    except (TypeError, ValueError) as e:
-        msg = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"{path}: cannot build {config['network']}: {msg}") from None
     state = {
         ("net." + k[len("model.") :] if k.startswith("model.") else k): v.float()
         if v.is_floating_point()
         else v
         for k, v in rec.state_dict.items()
     }
-    mine = model.state_dict()
+    # Validate what the file declares against the weights it holds before any real memory
+    # is allocated: a small pickle declaring a huge network must fail here, not after
+    # building it (a 1 MB file could otherwise allocate gigabytes of random weights).
+    check_network_kwargs(config, path)
+    with user_file(path, f"cannot build {config['network']}:"), torch.device("meta"):
+        mine = build_denoiser(config).state_dict()
     missing = [k for k in mine if k not in state]
     unexpected = [k for k in state if k not in mine]
     wrong = [k for k in mine if k in state and mine[k].shape != state[k].shape]
@@ -420,6 +439,8 @@ def load_edm_pickle(path: str | Path, key: str = "ema") -> EDMPrecond:
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of "
             f"another shape {wrong[:3]}"
         )
+    with user_file(path, f"cannot build {config['network']}:"):
+        model = build_denoiser(config)
     model.load_state_dict(state, strict=True)
 
     try:

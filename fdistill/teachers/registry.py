@@ -16,6 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
+from fdistill.userfiles import user_file
+
 
 @dataclass
 class TeacherInfo:
@@ -44,14 +46,14 @@ _FORMATS: dict[str, TeacherFormat] = {}
 
 
 def register_format(fmt: TeacherFormat) -> TeacherFormat:
+    """Add a format to those :func:`detect_format` tries (a family module calls this)."""
     _FORMATS[fmt.name] = fmt
     return fmt
 
 
 def formats() -> list[TeacherFormat]:
-    from fdistill.denoisers.registry import _load_families
-
-    _load_families()
+    """Every registered format, in registration order (``fdistill.teachers`` imports each
+    family module, so all are registered once any part of the package is imported)."""
     return list(_FORMATS.values())
 
 
@@ -68,12 +70,19 @@ def detect_format(path: str | Path) -> TeacherFormat:
 
 
 def accepted(known: list[TeacherFormat] | None = None) -> str:
+    """The formats a user may pass, for error messages."""
     return "accepted: " + "; ".join(f.accepts for f in (known or formats()))
 
 
 def load_teacher(path: str | Path, **options) -> nn.Module:
-    """Load ``path`` as a frozen denoiser (eval mode, no weight gradients)."""
-    fmt = detect_format(path)
+    """Load ``path`` as a frozen denoiser (eval mode, no weight gradients).
+
+    Every failure caused by the file's content is a one-line ``ValueError``
+    (:class:`fdistill.userfiles.UserFileError`) naming the file; a missing path stays a
+    ``FileNotFoundError``.
+    """
+    with user_file(path):
+        fmt = detect_format(path)
     if options:
         import inspect
 
@@ -84,7 +93,8 @@ def load_teacher(path: str | Path, **options) -> nn.Module:
                 f"'{path}' is a {fmt.name} teacher, which takes no option {', '.join(bad)} "
                 "(e.g. --raw-teacher applies to fdistill teacher runs only)"
             )
-    model = fmt.load(Path(path), **options)
+    with user_file(path):
+        model = fmt.load(Path(path), **options)
     return model.requires_grad_(False).eval()
 
 

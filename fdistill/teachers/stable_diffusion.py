@@ -2,7 +2,7 @@
 
 The pipeline's ``UNet2DConditionModel`` speaks ``D(x, sigma, cond) -> x0`` on VAE latents
 (``x = x0 + sigma * eps``, same schedule conversion as every diffusers teacher, see
-:mod:`fdistill.teachers.diffusers_unet`); ``cond`` is the text encoder's hidden states
+:mod:`fdistill.teachers.diffusers_base`); ``cond`` is the text encoder's hidden states
 ``[N, 77, D]`` and ``None`` means the empty prompt. The tokenizer, text encoder and VAE are
 held beside the UNet, outside its ``state_dict``: a student or fake-score copy of the teacher
 is the UNet (and the cached empty-prompt embedding) only.
@@ -10,7 +10,6 @@ is the UNet (and the cached empty-prompt embedding) only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.denoisers.registry import register_model
-from fdistill.teachers.diffusers_unet import (
+from fdistill.teachers.diffusers_base import (
     DiffusersDenoiserBase,
     DiscreteSchedule,
     image_shape,
@@ -32,6 +31,25 @@ from fdistill.teachers.diffusers_unet import (
     unet_details,
 )
 from fdistill.teachers.registry import TeacherInfo
+from fdistill.userfiles import read_json, user_file
+
+# CLIP's text encoder has 77 position embeddings (every Stable Diffusion v1/v2 checkpoint), so
+# 77 is the prompt length when neither the tokenizer nor the encoder says otherwise.
+CLIP_CONTEXT = 77
+# transformers sets model_max_length to 1e30 when tokenizer_config.json omits it; any length
+# above this is "unset", and the encoder's position embeddings give the real one.
+_UNSET_LENGTH = 1 << 20
+
+
+def _context_length(tokenizer_length, encoder_config) -> int:
+    """The prompt length: the tokenizer's ``model_max_length`` when set, else the text
+    encoder's ``max_position_embeddings``, else :data:`CLIP_CONTEXT`."""
+    if isinstance(tokenizer_length, int | float) and 0 < tokenizer_length <= _UNSET_LENGTH:
+        return int(tokenizer_length)
+    n = getattr(encoder_config, "max_position_embeddings", None)
+    if n is None and isinstance(encoder_config, dict):
+        n = encoder_config.get("max_position_embeddings")
+    return int(n) if isinstance(n, int) and 0 < n <= _UNSET_LENGTH else CLIP_CONTEXT
 
 
 def require_transformers():
@@ -66,11 +84,21 @@ def load_sd_components(path: str | Path) -> SDComponents:
             f"'{root}' lacks {', '.join(m + '/' for m in missing)}: a Stable Diffusion pipeline "
             "folder has tokenizer/, text_encoder/ and vae/ beside unet/"
         )
-    tok = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    enc = transformers.CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
-    vae = diffusers.AutoencoderKL.from_pretrained(
-        root / "vae", local_files_only=True, low_cpu_mem_usage=False
-    )
+    for part in ("tokenizer", "text_encoder", "vae"):  # configs: depth- and size-checked
+        for name in ("tokenizer_config.json", "config.json"):
+            if (root / part / name).is_file():
+                read_json(root / part / name)
+    with user_file(root / "tokenizer", "tokenizer:"):
+        tok = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    with user_file(root / "text_encoder", "text encoder:"):
+        enc = transformers.CLIPTextModel.from_pretrained(
+            root / "text_encoder", local_files_only=True
+        )
+    with user_file(root / "vae", "VAE:"):
+        vae = diffusers.AutoencoderKL.from_pretrained(
+            root / "vae", local_files_only=True, low_cpu_mem_usage=False
+        )
+    tok.model_max_length = _context_length(tok.model_max_length, enc.config)
     for m in (enc, vae):
         m.requires_grad_(False).eval()
     return SDComponents(tok, enc, vae)
@@ -251,10 +279,12 @@ def load_sd_teacher(
     context = None
     if parts is None:
         tok_cfg = unet_dir.parent / "tokenizer" / "tokenizer_config.json"
-        length = (
-            json.loads(tok_cfg.read_text()).get("model_max_length", 77) if tok_cfg.is_file() else 77
+        enc_cfg = unet_dir.parent / "text_encoder" / "config.json"
+        length = _context_length(
+            read_json(tok_cfg).get("model_max_length") if tok_cfg.is_file() else None,
+            read_json(enc_cfg) if enc_cfg.is_file() else {},
         )
-        context = (int(length), int(unet.config.cross_attention_dim))
+        context = (length, int(unet.config.cross_attention_dim))
     pred = prediction_type_of(sched_cfg, prediction_type)
     model = StableDiffusionTeacher(unet, sched_cfg, pred, components=parts, context=context)
     s = model.schedule
@@ -273,6 +303,7 @@ def load_sd_teacher(
 
 
 __all__ = [
+    "CLIP_CONTEXT",
     "SDComponents",
     "StableDiffusionTeacher",
     "load_sd_components",
