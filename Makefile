@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps clean-fid==0.1.35  # its resize only: plain clean-fid pulls torchvision
 	touch $@
 
 demo: $(VENV)/.installed

@@ -8,12 +8,14 @@ loop takes their mean. Gradients flow only where the method says: through the st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fdistill import rng
 from fdistill.denoisers.base import sigma_view
 from fdistill.divergences import Divergence
 
@@ -77,6 +79,37 @@ def r1_penalty(logit_real: Tensor, x_real: Tensor) -> Tensor:
     """Per-sample ``||grad_x logit||^2`` at real inputs (``x_real`` must require grad)."""
     (grad,) = torch.autograd.grad(logit_real.sum(), x_real, create_graph=True)
     return grad.pow(2).reshape(grad.shape[0], -1).sum(1)
+
+
+def approx_r1_penalty(
+    logit_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    x_real_noised: Tensor,
+    sigma: Tensor,
+    cond: Tensor | None = None,
+    generator: rng.RandomSource = None,
+    scale: float = 0.1,
+    logit_real: Tensor | None = None,
+    perturb_from: Tensor | None = None,
+) -> Tensor:
+    """Approximate R1 (APT, as the official DMD2/f-distill code has it): per-sample
+    ``mean((logit(x) - logit(x + scale * eps))^2)`` with ``eps ~ N(0, I)``, no double backward.
+
+    ``logit_fn(x, sigma, cond)`` is the discriminator (features and head) returning logits [N]
+    or [N, ...]; ``x_real_noised`` its real input at levels ``sigma`` [N]. ``logit_real``: the
+    logits already computed on ``x_real_noised`` (saves a pass). ``perturb_from``: the tensor
+    that gets the extra noise, default ``x_real_noised``; FastGen (dmd2.py,
+    ``_compute_r1_regularization``) passes the *clean* real batch there while keeping the
+    noised one's logits, which is ``perturb_from=x_real``. The batch mean of the result is
+    ``F.mse_loss(logit_real, logit_perturbed)``. Gradients flow through both logit passes.
+    Computed in at least float32 (bf16 logits are upcast before the difference).
+    """
+    if logit_real is None:
+        logit_real = logit_fn(x_real_noised, sigma, cond)
+    base = x_real_noised if perturb_from is None else perturb_from
+    eps = rng.randn(base.shape, generator, device=base.device, dtype=base.dtype)
+    logit_pert = logit_fn(base + scale * eps, sigma, cond)
+    n, dtype = logit_real.shape[0], torch.promote_types(logit_real.dtype, torch.float32)
+    return (logit_real.to(dtype) - logit_pert.to(dtype)).pow(2).reshape(n, -1).mean(1)
 
 
 RATIO_BINNINGS = {"log-sigma": 8, "linear-sigma": 10}
