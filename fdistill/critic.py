@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.denoisers.base import FeatureMap, FeatureTaps
-from fdistill.denoisers.unet import _groups
+from fdistill.denoisers.unet import group_count
 
 
 def feature_taps_of(module: nn.Module) -> FeatureTaps:
@@ -37,7 +37,7 @@ def feature_taps_of(module: nn.Module) -> FeatureTaps:
 def _down(cin: int, cout: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding),
-        nn.GroupNorm(_groups(cout), cout),
+        nn.GroupNorm(group_count(cout), cout),
         nn.SiLU(),
     ]
 

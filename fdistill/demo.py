@@ -20,21 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fdistill.config import DistillConfig, TeacherConfig
 from fdistill.data import ImageDataset, load_dataset
 from fdistill.evaluation import generate_samples
 from fdistill.images import make_grid, save_image_grid
 from fdistill.metrics import evaluate_images
-from fdistill.pipeline import (
-    DistillConfig,
-    TeacherConfig,
-    distill_run,
-    generate,
-    load_run,
-    run_sampler,
-    sample_run,
-    sample_seeds,
-    train_teacher_run,
-)
+from fdistill.models import load_run
+from fdistill.recipes import distill_run, train_teacher_run
 from fdistill.runs import (
     CHECKPOINT,
     atomic_write_text,
@@ -42,6 +34,8 @@ from fdistill.runs import (
     option_differences,
     read_config,
 )
+from fdistill.samplers import DEFAULT_TEACHER_NFE
+from fdistill.sampling import generate, run_sampler, sample_run, sample_seeds
 
 
 @dataclass
@@ -55,7 +49,7 @@ class DemoConfig:
     retrain: bool = False
     threads: int | None = 1
     n_eval: int = 1000
-    teacher_nfe: int = 35
+    teacher_nfe: int = DEFAULT_TEACHER_NFE
 
 
 def teacher_config(cfg: DemoConfig) -> TeacherConfig:

@@ -22,16 +22,17 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.data import BUILTIN_DATASETS, ImageDataset, load_dataset
+from fdistill.engine import Dist
 from fdistill.metrics.classifier import SHIPPED_CLASSIFIERS, load_classifier
 from fdistill.metrics.evaluate import METRICS, evaluate_images
 from fdistill.metrics.fid import feature_stats, frechet_distance_from_stats, load_stats
 from fdistill.metrics.inception import InceptionFeatures, find_inception
 from fdistill.metrics.knn import knn_precision_recall
-from fdistill.pipeline import LoadedRun, load_run, sample_run
+from fdistill.models import LoadedRun, load_run
 from fdistill.runs import CHECKPOINT
-from fdistill.training import Dist
+from fdistill.samplers import DEFAULT_TEACHER_NFE
+from fdistill.sampling import sample_run
 
-DEFAULT_TEACHER_NFE = 35
 _DATA_SUFFIXES = (".npz", ".zip")
 _SOURCES = "a run folder, a checkpoint file, or a data set (digits, mnist, a folder, .npz, .zip)"
 

@@ -26,6 +26,8 @@ from typing import IO
 import torch
 from torch import Tensor, nn
 
+from fdistill.fsutil import check_writable
+
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -235,6 +237,29 @@ def merge_resumable(saved_options: Mapping, now_options: Mapping) -> dict:
     return merged
 
 
+def resume_options(options: Mapping, **digests: str) -> dict:
+    """What a resumed run must match: the options, with the teacher/data given by content."""
+    return as_json(options) | {k: v[:16] for k, v in digests.items()}
+
+
+def begin(out: str | Path, resume: bool, start_fresh: bool, options: dict, main: bool) -> dict:
+    """Check ``out`` before a run (fresh, or a strict resume: every saved option must equal
+    ``options`` but the resumable ones) and return the options the run will use. ``main``: the
+    process that writes (checks that the folder is writable)."""
+    if main:
+        check_writable(out, "--out")
+    saved = prepare_out(out, resume, start_fresh)
+    if saved is None:
+        return options
+    if "resume_options" not in saved:
+        raise ValueError(
+            f"--resume: {out} was written by an older fdistill that did not record its options "
+            "for a strict resume; start a new run in another --out"
+        )
+    check_resume(saved["resume_options"], options, out)
+    return merge_resumable(saved["resume_options"], options)
+
+
 def trim_metrics(out: str | Path, step: int) -> None:
     """Drop ``metrics.jsonl`` records after ``step`` (written after the checkpoint a resumed
     run restarts from), so every step appears exactly once."""
@@ -280,6 +305,12 @@ def tensor_digest(*tensors: Tensor | None) -> str:
 
 
 # --------------------------------------------------------------------------- export
+def state_digest(module: nn.Module) -> str:
+    """A digest of a module's weights (names, dtypes, shapes, bytes)."""
+    sd = module.state_dict()
+    return tensor_digest(*(sd[k] for k in sorted(sd))) + f"/{len(sd)}"
+
+
 def is_export(path: str | Path) -> bool:
     p = Path(path)
     if not (p.is_dir() and (p / EXPORT_WEIGHTS).is_file() and (p / CONFIG).is_file()):

@@ -25,6 +25,9 @@ from fdistill.denoisers.edm import karras_sigmas
 
 DenoiserFn = Callable[..., Tensor]
 
+DEFAULT_TEACHER_NFE = 35
+"""Heun network evaluations of a teacher's samples unless ``--nfe`` says otherwise."""
+
 
 class SeededGenerator:
     """One ``torch.Generator`` per sample, like EDM's ``StackedRandomGenerator``.

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from fdistill.cli import main
-from fdistill.pipeline import _generate_batches, generate, load_run, run_sampler, sample_seeds
+from fdistill.models import load_run
+from fdistill.sampling import generate, generate_batches, run_sampler, sample_seeds
 
 TINY = ["--channels", "8", "--no-progress", "--seed", "0", "--device", "cpu"]
 
@@ -63,7 +64,7 @@ def test_rank_shares_merge_to_the_single_process_samples(runs):
     fn, seeds = run_sampler(run), sample_seeds(1, 11)
     labels = torch.arange(11) % run.num_classes
     want = generate(fn, run.shape, seeds, labels, batch=2)
-    parts = [_generate_batches(fn, run.shape, seeds, labels, 2, "cpu", r, 3) for r in range(3)]
+    parts = [generate_batches(fn, run.shape, seeds, labels, 2, "cpu", r, 3) for r in range(3)]
     assert [sorted(p) for p in parts] == [[0, 3], [1, 4], [2, 5]]
     merged = {j: x for p in parts for j, x in p.items()}
     assert torch.equal(torch.cat([merged[j] for j in range(6)]), want)

@@ -157,8 +157,10 @@ def test_prompt_draws_do_not_depend_on_the_process_split(teacher):
     parts = [sample(3, rng.BatchRandom(11, r, 2)) for r in range(2)]
     assert torch.equal(z1, torch.cat([p[0] for p in parts]))
     assert torch.equal(c1, torch.cat([p[1] for p in parts]))
-    # cond rows are the text encoder's embeddings of the drawn prompts
-    idx = torch.randint(7, (6,), generator=torch.Generator().manual_seed(11)).tolist()
+    # cond rows are the text encoder's embeddings of the prompts drawn after the latents
+    g = torch.Generator().manual_seed(11)
+    assert torch.equal(z1, torch.randn(6, 4, 8, 8, generator=g))
+    idx = torch.randint(7, (6,), generator=g).tolist()
     assert torch.equal(c1, teacher.encode_prompts([prompts[i] for i in idx]))
 
 

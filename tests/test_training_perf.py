@@ -355,11 +355,13 @@ class _Net(nn.Module):
         return self.body(x)
 
 
-class _StubDistill(nn.Module):
-    """What :func:`train_distill` needs of a model, with statistics as 0-dim tensors."""
+class _StubDistill(FDistill):
+    """f-distill's plan (critic phase, then generator phase) over stub networks and losses, with
+    statistics as 0-dim tensors."""
 
     def __init__(self):
-        super().__init__()
+        nn.Module.__init__(self)
+        self.cfg = LossConfig()
         torch.manual_seed(0)
         self.teacher = _Net().requires_grad_(False)
         self.generator, self.fake_score, self.head = _Net(), _Net(), _Net(out=1)

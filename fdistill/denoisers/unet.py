@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps
 
 
-def _groups(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
+def group_count(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
     """Largest group count <= ``max_groups`` that divides ``channels`` with >= 4 channels each."""
     g = max(1, min(max_groups, channels // min_per_group))
     while channels % g:
@@ -28,7 +28,7 @@ def _groups(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_groups(channels), channels, eps=1e-6)
+    return nn.GroupNorm(group_count(channels), channels, eps=1e-6)
 
 
 def _small_init_(module: nn.Module, scale: float = 1e-5) -> nn.Module:

@@ -1,13 +1,15 @@
-"""One f-distill update: the critic step and the generator step (DESIGN.md section 1).
+"""The f-distill method: the critic step and the generator step (DESIGN.md section 1).
 
 :class:`FDistill` holds the frozen teacher, the student generator, the fake-score denoiser
 and the discriminator head, and computes both losses. It knows nothing of data loading,
-optimisers or processes: the training loop in :mod:`fdistill.training` drives it.
+optimisers or processes: its :meth:`FDistill.plan` tells the engine (:func:`fdistill.engine.train`)
+to run ``critic_ratio`` critic updates, then one generator update, and to average the generator.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from fdistill.loss import (
     gan_generator_loss,
     r1_penalty,
 )
+from fdistill.methods.base import Inputs, Method, Optimizer, Phase, Plan, Streams
 
 FEATURE_SOURCES = ("fake", "teacher")
 FAKE_WEIGHTINGS = ("edm", "none")
@@ -107,7 +110,7 @@ def _host(values: dict[str, Tensor], binned: dict[str, Tensor] | None = None) ->
     return out | {f"{name}/bins": b.detach().float() for name, b in (binned or {}).items()}
 
 
-class FDistill(nn.Module):
+class FDistill(Method):
     """Teacher, student, fake score and discriminator head, with the two f-distill losses.
 
     The head reads the encoder features of the teacher (``disc_features="teacher"``, frozen,
@@ -155,6 +158,47 @@ class FDistill(nn.Module):
         self.sigma_bins = SigmaBins(*bins, cfg.ratio_binning)
         grid = karras_sigmas(cfg.num_sigmas, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         self.register_buffer("sigma_grid", grid[1:-1].float(), persistent=False)
+
+    kind = "distill"
+    trained = ("generator", "fake_score", "head")
+
+    def plan(self, cfg) -> Plan:
+        """``cfg.critic_ratio`` critic updates (fake score and head, ``cfg.lr_critic``), then one
+        generator update (``cfg.lr_gen``); the generator is averaged. With R1 the
+        discriminator's feature network is differentiated twice, which compiled graphs
+        (AOT autograd) do not support: that network stays eager."""
+        r1_net = None
+        if self.cfg.r1_gamma > 0:
+            r1_net = "teacher" if self.cfg.disc_features == "teacher" else "fake_score"
+        return Plan(
+            optimizers={
+                "opt_g": Optimizer(("generator",), cfg.lr_gen),
+                "opt_c": Optimizer(("fake_score", "head"), cfg.lr_critic),
+            },
+            phases=(
+                Phase("critic", "opt_c", self.critic_phase, cfg.critic_ratio, "grad_norm_critic"),
+                Phase("generator", "opt_g", self.generator_phase, 1, "grad_norm_gen"),
+            ),
+            ema="generator",
+            compile=("generator", "fake_score"),
+            eager=("fake_score",) if r1_net == "fake_score" else (),
+            compile_frozen=() if r1_net == "teacher" else (self.teacher,),
+        )
+
+    def state_objects(self) -> dict[str, object]:
+        return {"weights": self.weights}
+
+    def critic_phase(self, inputs: Inputs, n: int, streams: Streams):
+        """One critic loss on a fresh batch: real data from ``streams["data"]``, the student's
+        inputs and every noise draw from ``streams["noise"]``."""
+        x_real, c_real = inputs.real(n, streams["data"])
+        z, c = inputs.latents(n, streams["noise"])
+        return self.critic_loss(z, c, x_real, c_real, streams["noise"])
+
+    def generator_phase(self, inputs: Inputs, n: int, streams: Streams):
+        """One generator loss on fresh student inputs (all draws from ``streams["noise"]``)."""
+        z, c = inputs.latents(n, streams["noise"])
+        return self.generator_loss(z, c, streams["noise"])
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return [*self.fake_score.parameters(), *self.head.parameters()]
@@ -300,3 +344,27 @@ class FDistill(nn.Module):
             "h_cv": h.std(correction=0) / h_mean.clamp_min(1e-12),
         }
         return loss.mean(), _host(values)
+
+
+class ConstantLogit(nn.Module):
+    """A head that reads no features and returns logit 0 (``r = 1``): without real data there
+    is no density ratio, so every divergence's weight ``h`` is constant."""
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        return feats[0].new_zeros(feats[0].shape[0], dtype=torch.float32)
+
+
+class DistributionMatchingOnly(FDistill):
+    """f-distill without real data: the critic step trains the fake score alone (no
+    discriminator, nothing read from ``x_real``); the generator loss is the distribution-
+    matching term with ``h = 1`` after normalisation (reverse KL, i.e. DMD)."""
+
+    def critic_loss(self, z, cond, x_real=None, cond_real=None, generator=None):
+        with torch.no_grad():
+            x_fake = self.generator(z, cond)
+        n = x_fake.shape[0]
+        sigma = self.sample_sigma(n, generator).to(x_fake.dtype)
+        xf_t = self._noise(x_fake, sigma, generator)
+        err = (self.fake_score(xf_t, sigma, cond) - x_fake).float().pow(2).reshape(n, -1).mean(1)
+        dsm = self.fake_score_weight(sigma.float()) * err
+        return dsm.mean(), {"loss_dsm": float(dsm.detach().mean())}

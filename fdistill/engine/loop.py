@@ -1,0 +1,340 @@
+"""The engine: one training loop for every method (teacher training, f-distill, DMD2, toys).
+
+:func:`train` runs a :class:`fdistill.methods.base.Method`'s :class:`~fdistill.methods.base.Plan`
+for ``cfg.steps`` steps: each step runs the plan's phases in order (each ``repeat`` times, one
+optimiser update each), then updates the EMA, logs and checkpoints. Everything around the
+updates is here once: processes (DDP or FSDP2), ``batch_gpu`` micro-batch accumulation, bf16
+autocast, ``torch.compile``, the device-side NaN/Inf guard, logging, checkpoint cadence, strict
+resume of every random stream, and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fdistill.engine.processes import Dist, Generators, make_generators
+from fdistill.engine.sharing import (
+    Sharing,
+    autocast,
+    bf16_supported,
+    compile_modules,
+    compile_supported,
+)
+from fdistill.engine.state import EMA, ModuleState, config_dict, restore_run, save_run
+from fdistill.engine.stats import (
+    FiniteGuard,
+    RunLog,
+    Stat,
+    apply_update,
+    host_stats,
+    make_adamw,
+    merge_stats,
+)
+from fdistill.methods.base import Inputs, Method, Phase
+from fdistill.rng import BatchRandom
+from fdistill.runs import CHECKPOINT, load_checkpoint, trim_metrics, write_config
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass
+class LoopConfig:
+    """Settings every training loop shares: length, batch, optimiser, EMA, bookkeeping, speed.
+
+    ``steps`` is the total, so a resumed run ends where the straight run would. ``batch`` is
+    the global batch, split evenly over processes; ``batch_gpu`` (``None``: all of it) is the
+    micro-batch a process runs at once, gradients accumulating over ``batch / (processes *
+    batch_gpu)`` micro-batches per update (see :class:`MicroBatches` for what is exact).
+    ``ema_warmup`` ramps the EMA decay up from 0 (see :meth:`EMA.update`). ``bf16``: bfloat16
+    autocast of the networks (CPU and CUDA). ``compile``: ``torch.compile`` the networks with
+    ``compile_backend`` (``"inductor"``; ``"aot_eager"`` or ``"eager"`` to debug). ``fsdp``:
+    shard the trained networks over processes with FSDP2 instead of replicating them with DDP.
+    """
+
+    steps: int = 2000
+    batch: int = 256
+    batch_gpu: int | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    grad_clip: float = 10.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    progress: bool = True
+    bf16: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    fsdp: bool = False
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Distillation: ``critic_ratio`` critic updates per generator update, two AdamW."""
+
+    critic_ratio: int = 5
+    lr_gen: float = 1e-4
+    lr_critic: float = 1e-4
+
+
+@dataclass
+class TeacherTrainConfig(LoopConfig):
+    """Teacher (EDM) training: one optimiser; ``lr_warmup`` steps of linear learning-rate ramp."""
+
+    lr: float = 1e-3
+    lr_warmup: int = 0
+    weight_decay: float = 0.0
+
+
+def per_rank_batch(batch: int, world: int) -> int:
+    if batch % world:
+        raise ValueError(f"global batch {batch} is not divisible by {world} processes")
+    return batch // world
+
+
+def micro_batches(cfg: LoopConfig, world: int) -> tuple[int, int]:
+    """``(micro-batch size, micro-batches per update)`` of one process."""
+    per = per_rank_batch(cfg.batch, world)
+    size = min(cfg.batch_gpu or per, per)
+    if size < 1 or per % size:
+        raise ValueError(
+            f"--batch-gpu {cfg.batch_gpu} must divide the per-process batch {per} "
+            f"(--batch {cfg.batch} over {world} processes)"
+        )
+    return size, per // size
+
+
+class MicroBatches:
+    """Micro-batch ``m`` of ``k`` draws exactly rows ``m*n .. (m+1)*n`` of this rank's batch.
+
+    Iterating yields ``0 .. k-1``. Before each micro-batch the :class:`BatchRandom` streams in
+    ``gens`` are rewound to where the update began and act as rank ``rank*k + m`` of
+    ``world*k``: every draw of the update (data, latents, noise levels, noise) is the same
+    number it would be without accumulation, and the streams end where they would. So the
+    accumulated gradient is that of the whole batch, up to float summation order, for every
+    loss that is a mean of per-sample terms. Not exact: per-batch statistics inside a loss
+    (the ratio normaliser's bin means and the ``h`` batch mean are taken per micro-batch, over
+    all ranks), dropout masks (the global torch RNG) and plain ``torch.Generator`` streams,
+    which draw the micro-batches one after another.
+    """
+
+    def __init__(self, gens: Generators, k: int):
+        self.k = k
+        self.streams = (
+            {n: g for n, g in gens.items() if isinstance(g, BatchRandom)} if k > 1 else {}
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.streams:
+            yield from range(self.k)
+            return
+        start = {n: g.get_state() for n, g in self.streams.items()}
+        place = {n: (g.rank, g.world) for n, g in self.streams.items()}
+        try:
+            for m in range(self.k):
+                for n, g in self.streams.items():
+                    g.set_state(start[n])
+                    g.rank, g.world = place[n][0] * self.k + m, place[n][1] * self.k
+                yield m
+        finally:
+            for n, g in self.streams.items():
+                g.rank, g.world = place[n]
+
+
+# --------------------------------------------------------------------------- the loop
+@contextlib.contextmanager
+def installed(owner: nn.Module, modules: dict[str, nn.Module]):
+    """Put ``modules`` in place of ``owner``'s attributes of the same names for the block."""
+    saved = {name: getattr(owner, name) for name in modules}
+    for name, m in modules.items():
+        setattr(owner, name, m)
+    try:
+        yield
+    finally:
+        for name, m in saved.items():
+            setattr(owner, name, m)
+
+
+def _backward(loss: Tensor, stats: dict[str, Stat], scale: float, guard: FiniteGuard) -> None:
+    """``(scale * loss).backward()``, with NaN gradients if a statistic is NaN/Inf on this rank.
+
+    The poisoned gradients reach every rank through the reduction, so all ranks see a
+    non-finite gradient norm at the same update and stop together.
+    """
+    bad = guard.nonfinite(stats)[1].any()
+    poison = torch.where(bad, torch.full_like(bad, float("nan"), dtype=loss.dtype), scale)
+    (loss * poison).backward()
+
+
+def compile_backend(cfg: LoopConfig, device: torch.device) -> str | None:
+    """The ``torch.compile`` backend of the trained networks, ``None`` when not compiling."""
+    if not (cfg.compile and compile_supported(device)):
+        return None
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.compile_backend not in known:
+        raise ValueError(
+            f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend; "
+            f"use inductor (default), aot_eager or eager (all: {', '.join(known)})"
+        )
+    return cfg.compile_backend
+
+
+class _Bookkeeping:
+    """What happens around the updates: resume, config.json, logging, checkpoints."""
+
+    def __init__(self, out, cfg, objects, gens, ddp, config, desc):
+        self.out, self.cfg, self.objects, self.gens = out, cfg, objects, gens
+        self.ddp, self.config, self.desc = ddp, config, desc
+        self.log: RunLog | None = None
+
+    def begin(self, resume: bool) -> int:
+        """Restore the checkpoint when resuming, write config.json, open the log; first step."""
+        start, out, ddp = 0, self.out, self.ddp
+        if resume and out is not None and (out / CHECKPOINT).is_file():
+            start = restore_run(load_checkpoint(out), self.objects, self.gens, ddp)
+            if ddp.main:
+                print(f"resumed from {out / CHECKPOINT} at step {start}")
+        if out is not None and ddp.main:
+            trim_metrics(out, start)  # steps logged after the checkpoint are logged again
+            write_config(out, self.config)
+        if ddp.main:
+            for flag, ok in (
+                ("bf16", bf16_supported(ddp.device)),
+                ("compile", compile_supported(ddp.device)),
+            ):
+                if getattr(self.cfg, flag) and not ok:
+                    print(f"note: --{flag} is not supported on {ddp.device}; running without it")
+        self.log = RunLog(out, self.cfg.steps, start, ddp.main, self.desc, self.cfg.progress)
+        return start
+
+    def end_step(self, done: int, guard: FiniteGuard, stats: dict[str, Stat]) -> None:
+        """Check for NaN/Inf and copy statistics to the host where due (logging and checkpoint
+        steps, and the last), then log, and checkpoint every ``ckpt_every`` steps and at the end."""
+        cfg = self.cfg
+        log = done % cfg.log_every == 0 or done == cfg.steps
+        ckpt = self.out is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps)
+        if log or done % cfg.ckpt_every == 0:
+            guard.check()
+            stats = host_stats(stats)
+        self.log.step(done, stats, log)
+        if ckpt:
+            save_run(self.out, done, self.config, self.objects, self.gens, self.ddp)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def train(
+    method: Method,
+    inputs: Inputs,
+    cfg: LoopConfig,
+    out: str | Path | None = None,
+    *,
+    config: dict | None = None,
+    ddp: Dist | None = None,
+    resume: bool = False,
+    gens: Generators | None = None,
+    on_step: Callable[[int, EMA], None] | None = None,
+) -> EMA:
+    """Run ``method`` for ``cfg.steps`` steps (the total: a resumed run ends where the straight
+    run would); return the EMA of its plan's ``ema`` module.
+
+    Batches come from ``inputs`` through the ``"data"`` and ``"noise"`` streams of ``gens``
+    (default: per-rank :func:`fdistill.engine.make_generators`). With ``out`` the run folder gets
+    ``config.json`` (``{"kind": method.kind, "train": cfg, **config}``), ``metrics.jsonl`` and
+    ``checkpoint.pt`` (every trained module, the method's other state, the EMA, the optimisers,
+    every rank's RNG states and the step). ``on_step(done, ema)`` runs after every step.
+    Under DDP or FSDP the trained modules are replaced by their wrappers / shards for the length
+    of the loop.
+    """
+    ddp = ddp or Dist()
+    out = Path(out) if out is not None else None
+    n, k = micro_batches(cfg, ddp.world)
+    gens = gens if gens is not None else make_generators(cfg.seed, ddp)
+    plan = method.plan(cfg)
+    share = Sharing(ddp, cfg.fsdp, compile_backend(cfg, ddp.device))
+    ema = EMA(getattr(method, plan.ema), cfg.ema_decay)
+    originals = {name: getattr(method, name) for name in method.trained}
+    trained = {name: share.prepare(m) for name, m in originals.items()}
+    with installed(method, trained):
+        params = {o: method.parameters_of(spec.modules) for o, spec in plan.optimizers.items()}
+    opts = {
+        o: make_adamw(params[o], spec.lr, cfg.betas, cfg.weight_decay, ddp.device)
+        for o, spec in plan.optimizers.items()
+    }
+    objects: dict[str, object] = {
+        name: share.state(originals[name], trained[name]) for name in trained
+    }
+    objects |= method.state_objects() | {"ema": ModuleState(ema)}
+    for o, spec in plan.optimizers.items():
+        objects[o] = share.optimizer_state([trained[m] for m in spec.modules], opts[o])
+    full_config = {"kind": method.kind, "train": config_dict(cfg), **(config or {})}
+    books = _Bookkeeping(out, cfg, objects, gens, ddp, full_config, method.kind)
+    start = books.begin(resume)
+    compile_modules(plan.compile_frozen, ddp.device, cfg.compile, cfg.compile_backend)
+    for name in plan.eager:
+        share.eager.add(id(trained[name]))
+    share.compile([trained[name] for name in plan.compile if name not in plan.eager])
+    guard, micro = FiniteGuard(ddp.device), MicroBatches(gens, k)
+
+    def accumulate(phase: Phase) -> dict[str, Stat]:
+        """Forward and backward over the micro-batches of one update; merged statistics."""
+        names = plan.optimizers[phase.optimizer].modules
+        nets = [trained[x] for x in names]
+        rest = [m for x, m in trained.items() if x not in names]
+        parts = []
+        for m in micro:
+            with share.no_sync([*rest, *(nets if m < k - 1 else [])]):
+                with autocast(ddp.device, cfg.bf16):
+                    loss, st = phase.loss(inputs, n, gens)
+                parts.append(st)
+                _backward(loss, st, 1 / k, guard)
+        for name, net in zip(names, share.reduce(nets), strict=True):
+            if net is not trained[name]:  # wrapped by DDP after its first update
+                trained[name] = net
+                setattr(method, name, net)
+        return merge_stats(parts)
+
+    try:
+        with installed(method, trained):
+            for step in range(start, cfg.steps):
+                done = step + 1
+                for o, spec in plan.optimizers.items():
+                    if spec.warmup > 0:
+                        for group in opts[o].param_groups:
+                            group["lr"] = spec.lr * min(1.0, done / spec.warmup)
+                stats: dict[str, Stat] = {}
+                for phase in plan.phases:
+                    opt, parts = opts[phase.optimizer], []
+                    for _ in range(phase.repeat):
+                        opt.zero_grad(set_to_none=True)
+                        st = accumulate(phase)
+                        apply_update(
+                            opt,
+                            params[phase.optimizer],
+                            st,
+                            step=done,
+                            grad_clip=cfg.grad_clip,
+                            guard=guard,
+                            norm_key=phase.norm_key,
+                        )
+                        parts.append(st)
+                    stats |= merge_stats(parts)  # logged: the mean over the phase's updates
+                skip = guard.tripped
+                ema.update(getattr(method, plan.ema), done if cfg.ema_warmup else None, skip=skip)
+                books.end_step(done, guard, stats)
+                if on_step is not None:
+                    on_step(done, ema)
+        share.finish()
+    finally:
+        books.close()
+    return ema
