@@ -56,6 +56,7 @@ from fdistill.loss import discriminator_loss
 from fdistill.metrics import mean_std
 from fdistill.pipeline import (
     DistillConfig,
+    apply_preset,
     build_distill,
     distill_run,
     generate,
@@ -111,7 +112,7 @@ def build_model(teacher_dir: str, student: str, work: Path, variant: str) -> FDi
     """FDistill with the variant's discriminator and the fixed student as its generator."""
     source, taps = VARIANTS[variant]
     teacher = load_teacher(teacher_dir)
-    d = official(DistillConfig(teacher=teacher_dir))
+    d = official(apply_preset(DistillConfig(teacher=teacher_dir), "digits"))
     cfg = replace(d, disc_taps=taps, loss=replace(d.loss, disc_features=source))
     model = build_distill(cfg, teacher)
     if student == "init":

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fdistill.config import apply_preset, apply_teacher_preset
 from fdistill.data import load_dataset
 from fdistill.demo import cached_teacher
 from fdistill.distill import FDistill, LossConfig
@@ -111,6 +112,7 @@ def make_data(work: Path) -> dict[str, Path]:
 def teacher_cfg(data: Path, steps: int) -> TeacherConfig:
     """The demo's teacher recipe, unconditional, on ``data``."""
     t = TeacherConfig(data=str(data), value_range=(-1.0, 1.0), conditional=False, grid_every=0)
+    t = apply_teacher_preset(t, "digits")
     return replace(t, train=replace(t.train, steps=steps, seed=0, progress=False))
 
 
@@ -138,7 +140,8 @@ def official_loss(gan_weight: float) -> LossConfig:
 
 
 def train_cfg(steps: int, seed: int) -> TrainConfig:
-    return replace(DistillConfig().train, steps=steps, seed=seed, progress=False, ckpt_every=10**9)
+    digits = apply_preset(DistillConfig(), "digits").train
+    return replace(digits, steps=steps, seed=seed, progress=False, ckpt_every=10**9)
 
 
 # ----------------------------------------------------------------------------- one run

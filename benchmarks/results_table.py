@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fdistill.config import apply_preset
 from fdistill.data import load_dataset
 from fdistill.demo import DemoConfig, cached_teacher, distill_config, teacher_config
 from fdistill.divergences import NAMES
@@ -448,7 +449,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=DemoConfig.distill_steps)
     p.add_argument("--teacher-steps", type=int, default=DemoConfig.teacher_steps)
     p.add_argument(
-        "--gan-weight", type=float, default=DistillConfig().loss.gan_weight, help="GAN-on weight"
+        "--gan-weight",
+        type=float,
+        default=apply_preset(DistillConfig(), "digits").loss.gan_weight,
+        help="GAN-on weight",
     )
     p.add_argument("--gan", default="on,off", help="GAN term settings to train: on, off or both")
     p.add_argument(

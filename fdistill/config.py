@@ -11,13 +11,13 @@ line naming the option; :func:`with_resumable` applies the options ``--resume`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
-from fdistill import runs
 from fdistill.data.captions import PROMPT_FORMATS
-from fdistill.divergences import get_divergence
+from fdistill.divergences import NAMES, get_divergence
 from fdistill.engine import LoopConfig, TeacherTrainConfig, TrainConfig
 from fdistill.methods import LossConfig
+from fdistill.options import option, resumable_paths, set_path
 from fdistill.samplers import DEFAULT_TEACHER_NFE
 
 ARCHS = ("unet", "mlp")
@@ -59,37 +59,147 @@ def default_model(arch: str, shape: tuple[int, int, int], num_classes: int, **ov
     return cfg | overrides
 
 
+def _lo_hi(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected LO,HI (e.g. 0,1 or -1,1), got {text!r}") from None
+    return lo, hi
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ValueError("expected names separated by commas")
+    return names
+
+
+def _data_options(default: str | None, what: str) -> dict:
+    """The real-data options of a command, as field keyword arguments."""
+    return {
+        "data": option(
+            default,
+            help="digits, mnist, a folder (class subfolders), .npz or EDM .zip" + what,
+        ),
+        "resolution": option(None, help="resize images to this size"),
+        "max_images": option(None, help="use the first N images"),
+        "value_range": option(
+            None,
+            help="value range of float image arrays (mapped to [-1, 1]); uint8 needs none",
+            flag="--range",
+            parse=_lo_hi,
+            metavar="LO,HI",
+        ),
+    }
+
+
+_TEACHER_DATA = _data_options("digits", "")
+_DISTILL_DATA = _data_options(
+    None,
+    " (default: a teacher run's own data; for a text-to-image teacher a folder with "
+    "captions.jsonl or a COCO captions_*.json beside its images)",
+)
+
+
 @dataclass
 class TeacherConfig:
     """Everything a teacher run depends on (saved in its config)."""
 
-    data: str = "digits"
-    resolution: int | None = None
-    max_images: int | None = None
-    value_range: tuple[float, float] | None = None
-    arch: str = "unet"
-    model: dict = field(default_factory=dict)
-    conditional: bool = True
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    grid_every: int = 500
-    grid_n: int = 100
-    grid_nfe: int = DEFAULT_TEACHER_NFE
-    device: str | None = None
-    train: TeacherTrainConfig = field(
-        default_factory=lambda: TeacherTrainConfig(
-            steps=2000,
-            batch=64,
-            lr=2e-3,
-            lr_warmup=200,
-            ema_decay=0.999,
-            ema_warmup=True,
-            ckpt_every=500,
-        )
+    data: str = _TEACHER_DATA["data"]
+    resolution: int | None = _TEACHER_DATA["resolution"]
+    max_images: int | None = _TEACHER_DATA["max_images"]
+    value_range: tuple[float, float] | None = _TEACHER_DATA["value_range"]
+    arch: str = option("unet", help="denoiser network", choices=ARCHS)
+    model: dict = option(
+        help="network overrides (see default_model)", default_factory=dict, cli=False
     )
+    conditional: bool = option(True, help="ignore the data set's labels", negate="--unconditional")
+    p_mean: float = option(-1.2, help="EDM training noise: mean of log sigma")
+    p_std: float = option(1.2, help="EDM training noise: std of log sigma")
+    sigma_min: float = option(0.002, help="smallest sampling noise level")
+    sigma_max: float = option(80.0, help="largest sampling noise level")
+    rho: float = option(SAMPLER_RHO, help="Karras sampling grid exponent")
+    grid_every: int = option(500, help="steps between sample grids (0: none)", resumable=True)
+    grid_n: int | None = option(
+        None, help="samples per grid (default 100; 16 for text)", resumable=True
+    )
+    grid_nfe: int = option(
+        DEFAULT_TEACHER_NFE, help="Heun network evaluations of the grids", resumable=True
+    )
+    device: str | None = option(
+        None, help="cpu or cuda (default: cuda when available)", resumable=True
+    )
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run depends on (saved in its config).
+
+    ``data`` is the real data of the discriminator (default: a teacher run's own training
+    data; required for other teachers). ``disc_taps`` names the feature maps the discriminator
+    heads read (default: every encoder resolution of the feature network; ``["mid"]`` is the
+    single-bottleneck design).
+    """
+
+    teacher: str = option(
+        "runs/teacher",
+        help="an fdistill teacher run or export, an NVlabs EDM .pkl, or a diffusers folder",
+    )
+    data: str | None = _DISTILL_DATA["data"]
+    resolution: int | None = _DISTILL_DATA["resolution"]
+    max_images: int | None = _DISTILL_DATA["max_images"]
+    value_range: tuple[float, float] | None = _DISTILL_DATA["value_range"]
+    divergence: str = option("js", help="f-divergence", choices=NAMES)
+    alpha: float | None = option(None, help="alpha for --divergence alpha")
+    teacher_ema: bool = option(
+        True, help="the teacher's raw (non-EMA) weights", negate="--raw-teacher"
+    )
+    disc_taps: tuple[str, ...] | None = option(
+        None,
+        help="feature maps the discriminator heads read, e.g. enc32,enc16,enc8 or mid "
+        "(default: every encoder resolution; `fdistill inspect` lists a teacher's maps)",
+        parse=_names,
+        metavar="T1,T2,...",
+    )
+    head_hidden: int = option(64, help="discriminator head width")
+    grid_every: int = option(100, help="steps between sample grids (0: none)", resumable=True)
+    grid_n: int | None = option(
+        None, help="samples per grid (default 100; 16 for text)", resumable=True
+    )
+    device: str | None = option(
+        None, help="cpu or cuda (default: cuda when available)", resumable=True
+    )
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class T2IConfig(DistillConfig):
+    """A text-to-image distillation: :class:`DistillConfig` plus the prompts, the latent cache
+    folder (None: :func:`fdistill.data.captions.default_cache_dir`), activation checkpointing of
+    the three UNets and the VAE encoding batch. ``data`` is the captioned set (None: no GAN
+    term), ``resolution`` the image side (default: the pipeline's own)."""
+
+    prompts: str | None = option(
+        None,
+        help="prompts: a text file (one a line), a .jsonl with 'caption'/'text', or a COCO "
+        "captions_*.json; without --data no GAN term",
+    )
+    latent_cache: str | None = option(
+        None, help="folder for the cached VAE latents of --data (default ~/.cache)"
+    )
+    grad_checkpointing: bool = option(
+        False, help="activation checkpointing of the UNets (less memory, about 1/3 more compute)"
+    )
+    encode_batch: int = option(8, help="images per VAE encoding batch", resumable=True)
+
+
+def grid_size(cfg: TeacherConfig | DistillConfig) -> int:
+    """Samples per training grid: ``cfg.grid_n``, else 16 for text (large images), else 100."""
+    if cfg.grid_n is not None:
+        return cfg.grid_n
+    return 16 if isinstance(cfg, T2IConfig) else 100
 
 
 PRESETS: dict[str, dict] = {
@@ -138,7 +248,7 @@ PRESETS: dict[str, dict] = {
         ratio_ema=0.0,
         fake_weighting="none",
     ),
-    # Small CPU settings for 8x8 digits (the defaults of DistillConfig).
+    # Small CPU settings for 8x8 digits: the default of `fdistill distill`.
     "digits": dict(
         batch=64,
         critic_ratio=5,
@@ -147,98 +257,65 @@ PRESETS: dict[str, dict] = {
         r1_gamma=0.0,
         guidance=1.0,
         steps=300,
+        ema_decay=0.99,
+        ema_warmup=True,
+        ckpt_every=200,
     ),
 }
 
 
-@dataclass
-class DistillConfig:
-    """Everything a distillation run depends on (saved in its config).
-
-    ``data`` is the real data of the discriminator (default: a teacher run's own training
-    data; required for other teachers). ``disc_taps`` names the feature maps the discriminator
-    heads read (default: every encoder resolution of the feature network; ``["mid"]`` is the
-    single-bottleneck design).
-    """
-
-    teacher: str = "runs/teacher"
-    data: str | None = None
-    resolution: int | None = None
-    max_images: int | None = None
-    value_range: tuple[float, float] | None = None
-    divergence: str = "js"
-    alpha: float | None = None
-    teacher_ema: bool = True
-    disc_taps: tuple[str, ...] | None = None
-    head_hidden: int = 64
-    grid_every: int = 100
-    grid_n: int = 100
-    device: str | None = None
-    # The official discriminator by default: 10 noise bins linear in sigma for the ratio
-    # normalisation, the unweighted x0 error for the fake score (benchmarks/results).
-    loss: LossConfig = field(
-        default_factory=lambda: LossConfig(
-            gan_weight=1e-2,
-            disc_features="teacher",
-            ratio_binning="linear-sigma",
-            ratio_bins=10,
-            fake_weighting="none",
-        )
-    )
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            steps=300,
-            batch=64,
-            critic_ratio=5,
-            lr_gen=2e-4,
-            lr_critic=2e-4,
-            ema_decay=0.99,
-            ema_warmup=True,
-            ckpt_every=200,
-        )
-    )
-
-
-@dataclass
-class T2IConfig(DistillConfig):
-    """A text-to-image distillation: :class:`DistillConfig` plus the prompts, the latent cache
-    folder (None: :func:`default_cache_dir`), activation checkpointing of the three UNets and
-    the VAE encoding batch. ``data`` is the captioned set (None: no GAN term), ``resolution``
-    the image side (default: the pipeline's own)."""
-
-    prompts: str | None = None
-    latent_cache: str | None = None
-    grad_checkpointing: bool = False
-    encode_batch: int = 8
-    grid_n: int = 16
+# Where each preset key goes in the configuration tree ("lr": both optimisers).
+_PRESET_PATHS = {
+    "batch": ("train.batch",),
+    "critic_ratio": ("train.critic_ratio",),
+    "lr": ("train.lr_gen", "train.lr_critic"),
+    "steps": ("train.steps",),
+    "ema_decay": ("train.ema_decay",),
+    "ema_warmup": ("train.ema_warmup",),
+    "ckpt_every": ("train.ckpt_every",),
+    "gan_weight": ("loss.gan_weight",),
+    "r1_gamma": ("loss.r1_gamma",),
+    "guidance": ("loss.guidance",),
+    "ratio_binning": ("loss.ratio_binning",),
+    "ratio_bins": ("loss.ratio_bins",),
+    "ratio_ema": ("loss.ratio_ema",),
+    "fake_weighting": ("loss.fake_weighting",),
+    "disc_taps": ("disc_taps",),
+}
 
 
 def apply_preset(cfg: DistillConfig, name: str) -> DistillConfig:
-    """``cfg`` with a :data:`PRESETS` entry's settings (batch, ratio, GAN weight, LRs, R1, CFG,
-    steps, and the official code's discriminator scales, ratio binning and fake-score loss)."""
+    """``cfg`` with a :data:`PRESETS` entry laid over it (batch, ratio, GAN weight, LRs, R1,
+    CFG, steps, and the official code's discriminator scales, ratio binning and fake-score
+    loss; ``digits`` also the EMA and checkpoint cadence of short CPU runs)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    p = PRESETS[name]
-    train = replace(
-        cfg.train,
-        batch=p["batch"],
-        critic_ratio=p["critic_ratio"],
-        lr_gen=p["lr"],
-        lr_critic=p["lr"],
-        steps=p["steps"],
-    )
-    loss = replace(
-        cfg.loss,
-        gan_weight=p["gan_weight"],
-        r1_gamma=p["r1_gamma"],
-        guidance=p["guidance"],
-        **{
-            k: p[k]
-            for k in ("ratio_binning", "ratio_bins", "ratio_ema", "fake_weighting")
-            if k in p
-        },
-    )
-    return replace(cfg, train=train, loss=loss, disc_taps=p.get("disc_taps", cfg.disc_taps))
+    for key, value in PRESETS[name].items():
+        for path in _PRESET_PATHS[key]:
+            cfg = set_path(cfg, path.split("."), value)
+    return cfg
+
+
+TEACHER_PRESETS: dict[str, dict] = {
+    # Small CPU settings for 8x8 digits: the default of `fdistill train-teacher`.
+    "digits": {
+        "train.steps": 2000,
+        "train.batch": 64,
+        "train.lr": 2e-3,
+        "train.lr_warmup": 200,
+        "train.ema_warmup": True,
+        "train.ckpt_every": 500,
+    },
+}
+
+
+def apply_teacher_preset(cfg: TeacherConfig, name: str) -> TeacherConfig:
+    """``cfg`` with a :data:`TEACHER_PRESETS` entry laid over it."""
+    if name not in TEACHER_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(TEACHER_PRESETS)}")
+    for path, value in TEACHER_PRESETS[name].items():
+        cfg = set_path(cfg, path.split("."), value)
+    return cfg
 
 
 def _flag(name: str) -> str:
@@ -289,7 +366,8 @@ def validate_loop(cfg: LoopConfig, world: int = 1) -> None:
 
 def _validate_common(cfg) -> None:
     _check(cfg.grid_every >= 0, "grid_every", cfg.grid_every, "an integer >= 0 (0: no grids)")
-    _check(cfg.grid_n >= 1, "grid_n", cfg.grid_n, "an integer >= 1")
+    if cfg.grid_n is not None:
+        _check(cfg.grid_n >= 1, "grid_n", cfg.grid_n, "an integer >= 1")
     if cfg.max_images is not None:
         _check(cfg.max_images >= 1, "max_images", cfg.max_images, "an integer >= 1")
     if cfg.resolution is not None:
@@ -352,32 +430,15 @@ def validate_t2i_config(cfg: T2IConfig, world: int = 1) -> None:
 
 
 def with_resumable(cfg, options: dict):
-    """``cfg`` with the resumable options of ``options`` (what a resumed run uses)."""
-    train = replace(
-        cfg.train,
-        **{
-            k.split(".", 1)[1]: _get(options, k)
-            for k in runs.RESUMABLE_OPTIONS
-            if k.startswith("train.") and _has(options, k)
-        },
-    )
-    top = {
-        k: _get(options, k)
-        for k in runs.RESUMABLE_OPTIONS
-        if "." not in k and _has(options, k) and k in {f.name for f in fields(cfg)}
-    }
-    return replace(cfg, train=train, **top)
-
-
-def _has(d: dict, key: str) -> bool:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return False
-        d = d[part]
-    return True
-
-
-def _get(d: dict, key: str):
-    for part in key.split("."):
-        d = d[part]
-    return d
+    """``cfg`` with the options ``--resume`` may change (``resumable`` in their metadata) taken
+    from ``options`` (the merged options of a resumed run)."""
+    for key in resumable_paths(type(cfg)):
+        path = key.split(".")
+        value = options
+        for part in path:
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            cfg = set_path(cfg, path, tuple(value) if isinstance(value, list) else value)
+    return cfg

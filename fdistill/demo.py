@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fdistill.config import DistillConfig, TeacherConfig
+from fdistill.config import DistillConfig, TeacherConfig, apply_preset, apply_teacher_preset
 from fdistill.data import ImageDataset, load_dataset
 from fdistill.evaluation import generate_samples
 from fdistill.images import make_grid, save_image_grid
 from fdistill.metrics import evaluate_images
 from fdistill.models import load_run
+from fdistill.options import resumable_paths
 from fdistill.recipes import distill_run, train_teacher_run
 from fdistill.runs import (
     CHECKPOINT,
@@ -53,12 +54,13 @@ class DemoConfig:
 
 
 def teacher_config(cfg: DemoConfig) -> TeacherConfig:
-    t = TeacherConfig(grid_every=500)
+    t = apply_teacher_preset(TeacherConfig(grid_every=500), "digits")
     return replace(t, train=replace(t.train, steps=cfg.teacher_steps, seed=cfg.seed))
 
 
 def distill_config(cfg: DemoConfig, teacher: Path) -> DistillConfig:
     d = DistillConfig(teacher=str(teacher), divergence=cfg.divergence, grid_every=100)
+    d = apply_preset(d, "digits")
     return replace(d, train=replace(d.train, steps=cfg.distill_steps, seed=cfg.seed))
 
 
@@ -67,7 +69,8 @@ def cached_teacher(out: Path, tcfg: TeacherConfig) -> str:
     if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
         return "train"
     saved = read_config(out).get("options", {})
-    if option_differences(saved, asdict(tcfg)):  # differs beyond length, logging, grids
+    # differs beyond what a resume may change (length, logging, grids)?
+    if option_differences(saved, asdict(tcfg), resumable_paths(TeacherConfig)):
         return "train"
     return "reuse" if load_checkpoint(out)["step"] >= tcfg.train.steps else "resume"
 

@@ -5,6 +5,7 @@ Recipes (:mod:`fdistill.recipes`), configurations (:mod:`fdistill.config`), real
 (:mod:`fdistill.models`); this module re-exports them so code written against it keeps working.
 """
 
+from fdistill.conditioning import Conditioning, Labels, Sampler, student_inputs
 from fdistill.config import (
     ARCHS,
     PRESETS,
@@ -30,6 +31,13 @@ from fdistill.sampling import (
 )
 from fdistill.sources import check_teacher_data, distill_data, image_sampler
 
+
+def latent_sampler(shape: tuple[int, ...], num_classes: int, device) -> Sampler:
+    """``sample(n, gen)``: unit-normal latents and uniform class labels (None if unconditional);
+    :func:`fdistill.conditioning.student_inputs` of the labels."""
+    return student_inputs(shape, Labels(num_classes) if num_classes else Conditioning(), device)
+
+
 __all__ = [
     "ARCHS",
     "PRESETS",
@@ -49,6 +57,7 @@ __all__ = [
     "generate",
     "grid_labels",
     "image_sampler",
+    "latent_sampler",
     "load_run",
     "run_sampler",
     "sample_run",

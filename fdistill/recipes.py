@@ -29,6 +29,7 @@ from fdistill.config import (
     T2IConfig,
     TeacherConfig,
     default_model,
+    grid_size,
     validate_distill_config,
     validate_t2i_config,
     validate_teacher_config,
@@ -44,6 +45,7 @@ from fdistill.engine import distributed, make_batch_randoms, train
 from fdistill.generator import OneStepGenerator
 from fdistill.methods import Denoising, FDistill, Inputs
 from fdistill.methods.fdistill import ConstantLogit, DistributionMatchingOnly
+from fdistill.options import resumable_paths
 from fdistill.samplers import sample_with_nfe
 from fdistill.sampling import grid_writer
 from fdistill.sources import RealSource, image_sampler, image_source, load_data, text_source
@@ -68,7 +70,7 @@ def train_teacher_run(
     """Train an EDM teacher on ``cfg.data``; checkpoint, config, metrics and grids go to ``out``.
 
     ``resume`` continues the run in ``out`` (strict: the options must match the saved ones,
-    except those in :data:`fdistill.runs.RESUMABLE_OPTIONS`); ``start_fresh`` lets a resume
+    except those whose metadata says ``resumable``); ``start_fresh`` lets a resume
     start a new run where none is saved.
     """
     out = Path(out)
@@ -85,8 +87,9 @@ def train_teacher_run(
         shape = (ds.channels, ds.resolution, ds.resolution)
         model_cfg = default_model(cfg.arch, shape, num_classes, **cfg.model)
         digest = runs.tensor_digest(ds.storage, ds.labels)
+        options = runs.resume_options(asdict(cfg), data=digest)
         options = runs.begin(
-            out, resume, start_fresh, runs.resume_options(asdict(cfg), data=digest), ddp.main
+            out, resume, start_fresh, options, ddp.main, resumable_paths(TeacherConfig)
         )
         cfg = with_resumable(cfg, options)
         sampler = {"sigma_min": cfg.sigma_min, "sigma_max": cfg.sigma_max, "rho": cfg.rho}
@@ -110,7 +113,7 @@ def train_teacher_run(
 
         conditioning = Labels(num_classes) if num_classes else Conditioning()
         grids = grid_writer(
-            out, cfg.grid_every, cfg.train.steps, ddp, shape, conditioning, Codec(), cfg.grid_n,
+            out, cfg.grid_every, cfg.train.steps, ddp, shape, conditioning, Codec(), grid_size(cfg),
             render,
         )  # fmt: skip
         t0 = time.perf_counter()
@@ -224,7 +227,9 @@ def distill_run(
         if not source.discriminator:
             cfg = replace(cfg, loss=replace(cfg.loss, gan_weight=0.0, r1_gamma=0.0))
         options = runs.resume_options(asdict(cfg), **source.digests)
-        options = runs.begin(out, resume, start_fresh, options, ddp.main)
+        options = runs.begin(
+            out, resume, start_fresh, options, ddp.main, resumable_paths(type(cfg))
+        )
         cfg = with_resumable(cfg, options)
         if ddp.main:
             for note in source.notes:
@@ -257,7 +262,7 @@ def distill_run(
         }
         grids = grid_writer(
             out, cfg.grid_every, cfg.train.steps, ddp, source.shape, conditioning,
-            codec_of(teacher), cfg.grid_n, lambda m: m,
+            codec_of(teacher), grid_size(cfg), lambda m: m,
         )  # fmt: skip
         t0 = time.perf_counter()
         ema = train(

@@ -35,22 +35,6 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_FORMAT = "fdistill-export"
 _TMP_SUFFIX = ".tmp"
 
-# Options of a training command that may change on --resume (they do not change what is
-# trained); every other option must equal the saved one.
-RESUMABLE_OPTIONS = (
-    "train.steps",
-    "train.log_every",
-    "train.ckpt_every",
-    "train.progress",
-    "train.compile",
-    "train.compile_backend",
-    "train.batch_gpu",
-    "grid_every",
-    "grid_n",
-    "grid_nfe",
-    "device",
-)
-
 
 # --------------------------------------------------------------------------- atomic writes
 def _umask() -> int:
@@ -174,10 +158,9 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def option_differences(
-    saved: Mapping, now: Mapping, resumable: Iterable[str] = RESUMABLE_OPTIONS
-) -> list[str]:
-    """``key: saved -> now`` for every option that differs and may not change on resume."""
+def option_differences(saved: Mapping, now: Mapping, resumable: Iterable[str] = ()) -> list[str]:
+    """``key: saved -> now`` for every option that differs and may not change on resume
+    (``resumable``: the dotted keys that may, :func:`fdistill.options.resumable_paths`)."""
     a, b = _flatten(as_json(saved)), _flatten(as_json(now))
     free = set(resumable)
     out = []
@@ -213,9 +196,11 @@ def prepare_out(out: str | Path, resume: bool, start_fresh: bool = False) -> dic
     return load_checkpoint(out)["config"]
 
 
-def check_resume(saved_options: Mapping, now_options: Mapping, out: str | Path) -> None:
+def check_resume(
+    saved_options: Mapping, now_options: Mapping, out: str | Path, resumable: Iterable[str] = ()
+) -> None:
     """Stop with one line listing each option that differs from the saved run's."""
-    diffs = option_differences(saved_options, now_options)
+    diffs = option_differences(saved_options, now_options, resumable)
     if diffs:
         raise ValueError(
             f"--resume: {out} was trained with other options; repeat them or choose another "
@@ -223,11 +208,13 @@ def check_resume(saved_options: Mapping, now_options: Mapping, out: str | Path) 
         )
 
 
-def merge_resumable(saved_options: Mapping, now_options: Mapping) -> dict:
+def merge_resumable(
+    saved_options: Mapping, now_options: Mapping, resumable: Iterable[str] = ()
+) -> dict:
     """The options a resumed run actually uses: saved ones, with the resumable ones updated."""
     merged = as_json(saved_options)
     now = as_json(now_options)
-    for key in RESUMABLE_OPTIONS:
+    for key in resumable:
         parts = key.split(".")
         src, dst = now, merged
         for p in parts[:-1]:
@@ -242,10 +229,17 @@ def resume_options(options: Mapping, **digests: str) -> dict:
     return as_json(options) | {k: v[:16] for k, v in digests.items()}
 
 
-def begin(out: str | Path, resume: bool, start_fresh: bool, options: dict, main: bool) -> dict:
+def begin(
+    out: str | Path,
+    resume: bool,
+    start_fresh: bool,
+    options: dict,
+    main: bool,
+    resumable: Iterable[str] = (),
+) -> dict:
     """Check ``out`` before a run (fresh, or a strict resume: every saved option must equal
-    ``options`` but the resumable ones) and return the options the run will use. ``main``: the
-    process that writes (checks that the folder is writable)."""
+    ``options`` but the ``resumable`` ones) and return the options the run will use.
+    ``main``: the process that writes (checks that the folder is writable)."""
     if main:
         check_writable(out, "--out")
     saved = prepare_out(out, resume, start_fresh)
@@ -256,8 +250,8 @@ def begin(out: str | Path, resume: bool, start_fresh: bool, options: dict, main:
             f"--resume: {out} was written by an older fdistill that did not record its options "
             "for a strict resume; start a new run in another --out"
         )
-    check_resume(saved["resume_options"], options, out)
-    return merge_resumable(saved["resume_options"], options)
+    check_resume(saved["resume_options"], options, out, resumable)
+    return merge_resumable(saved["resume_options"], options, resumable)
 
 
 def trim_metrics(out: str | Path, step: int) -> None:
@@ -361,7 +355,6 @@ def read_export(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 __all__ = [
     "CHECKPOINT",
     "CONFIG",
-    "RESUMABLE_OPTIONS",
     "atomic_save",
     "atomic_write_text",
     "check_resume",

@@ -42,8 +42,17 @@ class ToyConfig:
     depth: int = 3
     n_eval: int = 10_000
     loss: LossConfig = field(
+        # the toy's own setting: its exact teacher has no encoder, so the head reads the fake
+        # score; noise levels up to 10 and 8 log-sigma ratio bins suit a 2-D mixture
         default_factory=lambda: LossConfig(
-            sigma_min=0.01, sigma_max=10.0, gan_weight=1e-2, num_sigmas=500
+            sigma_min=0.01,
+            sigma_max=10.0,
+            gan_weight=1e-2,
+            num_sigmas=500,
+            ratio_bins=8,
+            ratio_binning="log-sigma",
+            fake_weighting="edm",
+            disc_features="fake",
         )
     )
     train: TrainConfig = field(
@@ -100,7 +109,9 @@ class _FeaturelessTeacher(torch.nn.Module):
         return self.mixture(x, sigma)
 
 
-def _samplers(teacher: GaussianMixture):
+def samplers(teacher: GaussianMixture):
+    """``(sample_real, sample_latents)`` of the engine's :class:`~fdistill.methods.Inputs`."""
+
     def sample_real(n: int, gen: torch.Generator):
         return teacher.sample(n, generator=gen, dtype=torch.float32), None
 
@@ -132,7 +143,7 @@ def warm_start(model: FDistill, cfg: ToyConfig, teacher: GaussianMixture) -> Non
         get_divergence("rkl"),
         replace(model.cfg, gan_weight=0.0),
     )
-    real, lat = _samplers(sub)
+    real, lat = samplers(sub)
     tcfg = replace(cfg.train, steps=cfg.warm_steps, seed=cfg.train.seed + 7919, progress=False)
     train_distill(warm, real, lat, tcfg)
 
@@ -149,7 +160,7 @@ def run(cfg: ToyConfig, out: str | Path | None = None, quiet: bool = False) -> d
         warm_start(model, cfg, teacher)
         start = generate(model.generator, cfg.n_eval, seed=cfg.train.seed + 1)
         start_metrics = toy_metrics(start, teacher, generator=torch.Generator().manual_seed(1))
-    real, lat = _samplers(teacher)
+    real, lat = samplers(teacher)
     tcfg = replace(cfg.train, progress=cfg.train.progress and not quiet)
     ema = train_distill(model, real, lat, tcfg, out, config={"toy": asdict(cfg)})
     train_s = time.perf_counter() - t0

@@ -1,11 +1,9 @@
 """The engine: one training loop (:func:`train`) and what it runs on (processes, sharing,
 precision, statistics, checkpoint state)."""
 
+from fdistill.engine.config import LoopConfig, TeacherTrainConfig, TrainConfig
 from fdistill.engine.loop import (
-    LoopConfig,
     MicroBatches,
-    TeacherTrainConfig,
-    TrainConfig,
     micro_batches,
     per_rank_batch,
     train,

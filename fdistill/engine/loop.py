@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fdistill.engine.config import LoopConfig
 from fdistill.engine.processes import Dist, Generators, make_generators
 from fdistill.engine.sharing import (
     Sharing,
@@ -39,57 +39,6 @@ from fdistill.engine.stats import (
 from fdistill.methods.base import Inputs, Method, Phase
 from fdistill.rng import BatchRandom
 from fdistill.runs import CHECKPOINT, load_checkpoint, trim_metrics, write_config
-
-
-# --------------------------------------------------------------------------- configs
-@dataclass
-class LoopConfig:
-    """Settings every training loop shares: length, batch, optimiser, EMA, bookkeeping, speed.
-
-    ``steps`` is the total, so a resumed run ends where the straight run would. ``batch`` is
-    the global batch, split evenly over processes; ``batch_gpu`` (``None``: all of it) is the
-    micro-batch a process runs at once, gradients accumulating over ``batch / (processes *
-    batch_gpu)`` micro-batches per update (see :class:`MicroBatches` for what is exact).
-    ``ema_warmup`` ramps the EMA decay up from 0 (see :meth:`EMA.update`). ``bf16``: bfloat16
-    autocast of the networks (CPU and CUDA). ``compile``: ``torch.compile`` the networks with
-    ``compile_backend`` (``"inductor"``; ``"aot_eager"`` or ``"eager"`` to debug). ``fsdp``:
-    shard the trained networks over processes with FSDP2 instead of replicating them with DDP.
-    """
-
-    steps: int = 2000
-    batch: int = 256
-    batch_gpu: int | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    grad_clip: float = 10.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = False
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 1000
-    progress: bool = True
-    bf16: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
-    fsdp: bool = False
-
-
-@dataclass
-class TrainConfig(LoopConfig):
-    """Distillation: ``critic_ratio`` critic updates per generator update, two AdamW."""
-
-    critic_ratio: int = 5
-    lr_gen: float = 1e-4
-    lr_critic: float = 1e-4
-
-
-@dataclass
-class TeacherTrainConfig(LoopConfig):
-    """Teacher (EDM) training: one optimiser; ``lr_warmup`` steps of linear learning-rate ramp."""
-
-    lr: float = 1e-3
-    lr_warmup: int = 0
-    weight_decay: float = 0.0
 
 
 def per_rank_batch(batch: int, world: int) -> int:

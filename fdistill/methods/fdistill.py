@@ -31,6 +31,7 @@ from fdistill.loss import (
     r1_penalty,
 )
 from fdistill.methods.base import Inputs, Method, Optimizer, Phase, Plan, Streams
+from fdistill.options import option
 
 FEATURE_SOURCES = ("fake", "teacher")
 FAKE_WEIGHTINGS = ("edm", "none")
@@ -38,7 +39,9 @@ FAKE_WEIGHTINGS = ("edm", "none")
 
 @dataclass
 class LossConfig:
-    """Hyperparameters of the f-distill losses (defaults: DESIGN.md / paper Table 5, CIFAR-10).
+    """Hyperparameters of the f-distill losses. Defaults: paper Table 5 (CIFAR-10) and, where
+    the paper is silent, the official code (discriminator on the teacher's encoder, 10 ratio
+    bins linear in sigma, unweighted fake-score loss).
 
     ``ratio_binning``: noise-level bins of the ratio normalisation, ``"log-sigma"`` (equal width
     in log sigma) or ``"linear-sigma"`` (equal width in sigma, the official code, which uses
@@ -48,23 +51,40 @@ class LossConfig:
     unweighted x0 error, the official code).
     """
 
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    num_sigmas: int = 1000
-    gan_weight: float = 1e-3
-    r1_gamma: float = 0.0
-    logit_clip: float = 10.0
-    r_clip: tuple[float, float] = (0.1, 20.0)
-    normalize: bool = True
-    ratio_bins: int = 8
-    ratio_binning: str = "log-sigma"
-    ratio_ema: float = 0.0
-    weighting: str = "dmd"
-    fake_weighting: str = "edm"
-    disc_features: str = "fake"
-    guidance: float = 1.0
-    sigma_data: float = 0.5
+    sigma_min: float = option(0.002, help="smallest noise level (set from the teacher)", cli=False)
+    sigma_max: float = option(80.0, help="largest noise level (set from the teacher)", cli=False)
+    rho: float = option(7.0, help="Karras grid exponent of the noise levels", cli=False)
+    num_sigmas: int = option(1000, help="points of the Karras noise-level grid", cli=False)
+    gan_weight: float = option(1e-3, help="weight of the GAN term of the generator loss")
+    r1_gamma: float = option(0.0, help="R1 penalty weight (0: off)")
+    logit_clip: float = option(10.0, help="clip of the discriminator logit (log r)")
+    r_clip: tuple[float, float] = option(
+        (0.1, 20.0), help="clip of the density ratio r before normalisation", cli=False
+    )
+    normalize: bool = option(True, help="no two-stage normalisation", negate="--no-normalize")
+    ratio_bins: int = option(10, help="noise-level bins of the ratio normalisation")
+    ratio_binning: str = option(
+        "linear-sigma",
+        help="noise-level bins of the ratio normalisation (official: linear-sigma)",
+        choices=tuple(RATIO_BINNINGS),
+    )
+    ratio_ema: float = option(0.0, help="EMA of the ratio normaliser's bin means (0: none)")
+    weighting: str = option(
+        "dmd", help="distribution-matching weight: dmd or score", choices=("dmd", "score")
+    )
+    fake_weighting: str = option(
+        "none",
+        help="fake-score loss: unweighted x0 error (official) or EDM's lambda weighting",
+        choices=FAKE_WEIGHTINGS,
+    )
+    disc_features: str = option(
+        "teacher",
+        help="discriminator on the frozen teacher encoder (official) or on the fake-score "
+        "encoder, trained with it (DMD2)",
+        choices=FEATURE_SOURCES,
+    )
+    guidance: float = option(1.0, help="CFG scale of the teacher (class labels or text)")
+    sigma_data: float = option(0.5, help="data standard deviation (from the teacher)", cli=False)
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one line) for an option value outside its accepted set."""
