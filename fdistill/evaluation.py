@@ -28,12 +28,10 @@ from fdistill.metrics.evaluate import METRICS, evaluate_images
 from fdistill.metrics.fid import feature_stats, frechet_distance_from_stats, load_stats
 from fdistill.metrics.inception import InceptionFeatures, find_inception
 from fdistill.metrics.knn import knn_precision_recall
-from fdistill.models import LoadedRun, load_run
-from fdistill.runs import CHECKPOINT
+from fdistill.models import LoadedRun, load_run, path_kind
 from fdistill.samplers import DEFAULT_TEACHER_NFE
 from fdistill.sampling import sample_run
 
-_DATA_SUFFIXES = (".npz", ".zip")
 _SOURCES = "a run folder, a checkpoint file, or a data set (digits, mnist, a folder, .npz, .zip)"
 
 
@@ -50,21 +48,18 @@ def parse_metrics(text: str | Sequence[str], valid: Sequence[str] = METRICS) -> 
 
 
 def open_source(spec: str | os.PathLike, device: str = "cpu") -> LoadedRun | ImageDataset:
-    """What ``--ckpt`` names: a :class:`LoadedRun` (run folder / checkpoint file) or a data set.
-
-    Built-in data names win; a folder holding ``checkpoint.pt`` is a run; ``.npz`` / ``.zip``
-    files and other folders are data; any other file is read as a checkpoint.
-    """
+    """What ``--ckpt`` names: a :class:`LoadedRun` (a run, an export or a teacher of any
+    format) or a data set (a built-in name, an image folder, ``.npz`` or ``.zip``), as
+    :func:`fdistill.models.path_kind` tells them apart; anything else is read as a teacher, whose
+    loader says in one line why it is not one."""
     if isinstance(spec, str) and spec in BUILTIN_DATASETS:
         return load_dataset(spec, labels=False)
-    path = Path(spec)
-    if not path.exists():
+    kind = path_kind(spec)
+    if kind == "missing":
         raise FileNotFoundError(f"--ckpt: no such file or folder '{spec}'; pass {_SOURCES}")
-    if (path.is_dir() and (path / CHECKPOINT).is_file()) or (
-        path.is_file() and path.suffix.lower() not in _DATA_SUFFIXES
-    ):
-        return load_run(path, device)
-    return load_dataset(path, labels=False)  # samples: their labels are never measured
+    if kind == "data":
+        return load_dataset(Path(spec), labels=False)  # samples: their labels are never measured
+    return load_run(spec, device)
 
 
 def _teacher_config(path: str) -> dict | None:

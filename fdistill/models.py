@@ -20,11 +20,12 @@ from fdistill import runs
 from fdistill.denoisers.base import FeatureTaps
 from fdistill.denoisers.registry import build_denoiser
 from fdistill.generator import OneStepGenerator
-from fdistill.teachers import load_teacher
+from fdistill.teachers import detect_format, load_teacher
 
 EXPORT_META = "fdistill_t2i.json"
 EXPORT_FORMAT = "fdistill-t2i-unet"
-PATH_KINDS = ("run", "export", "unet-export", "teacher", "missing")
+PATH_KINDS = ("run", "export", "unet-export", "teacher", "data", "unknown", "missing")
+DATA_SUFFIXES = (".npz", ".zip")
 
 
 @dataclass
@@ -51,10 +52,11 @@ def is_unet_export(path: str | Path) -> bool:
 
 
 def path_kind(path: str | Path) -> str:
-    """What ``path`` holds: ``"run"`` (a run folder or its checkpoint file), ``"export"`` (an
-    ``fdistill export`` folder), ``"unet-export"`` (a text-to-image student exported as a
-    diffusers UNet), ``"teacher"`` (anything :func:`fdistill.teachers.load_teacher` detects:
-    EDM pickle, diffusers folder, ...) or ``"missing"``. Reads headers only."""
+    """What ``path`` holds, read from headers and names only: ``"run"`` (a run folder or its
+    checkpoint file), ``"export"`` (an ``fdistill export`` folder), ``"unet-export"`` (a
+    text-to-image student exported as a diffusers UNet), ``"teacher"`` (a format
+    :func:`fdistill.teachers.load_teacher` detects: EDM pickle, diffusers folder, ...),
+    ``"data"`` (an image folder, ``.npz`` or ``.zip``), ``"unknown"`` or ``"missing"``."""
     p = Path(path)
     if not p.exists():
         return "missing"
@@ -64,7 +66,14 @@ def path_kind(path: str | Path) -> str:
         return "export"
     if runs.is_checkpoint_file(p / runs.CHECKPOINT if p.is_dir() else p):
         return "run"
-    return "teacher"
+    try:
+        detect_format(p)
+        return "teacher"
+    except ValueError:
+        pass
+    if p.is_dir() or p.suffix.lower() in DATA_SUFFIXES:
+        return "data"
+    return "unknown"
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> LoadedRun:

@@ -97,10 +97,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def is_checkpoint_file(path: Path) -> bool:
-    """Whether ``path`` looks like a ``torch.save`` archive (cheap; never raises)."""
+    """Whether ``path`` looks like a ``torch.save`` archive: a zip whose first entry is
+    ``<name>/data.pkl`` or similar inside one folder (an ``.npz`` is a zip of ``.npy`` files at
+    the top level). Cheap; never raises."""
     try:
-        return path.is_file() and zipfile.is_zipfile(path)
-    except OSError:
+        if not (path.is_file() and zipfile.is_zipfile(path)):
+            return False
+        with zipfile.ZipFile(path) as z:
+            first = next(iter(z.infolist()), None)
+        return first is not None and "/" in first.filename
+    except (OSError, zipfile.BadZipFile):
         return False
 
 
