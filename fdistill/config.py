@@ -56,7 +56,20 @@ def default_model(arch: str, shape: tuple[int, int, int], num_classes: int, **ov
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ValueError(f"unknown {arch} option(s) {sorted(unknown)}; valid: {sorted(cfg)}")
-    return cfg | overrides
+    cfg = cfg | overrides
+    flags = {"model_channels": "channels", "hidden": "channels"}
+    for key in ("model_channels", "hidden", "depth", "num_blocks"):
+        if key in cfg:
+            _check(isinstance(cfg[key], int) and cfg[key] >= 1, flags.get(key, key), cfg[key],
+                   "an integer >= 1")  # fmt: skip
+    if "channel_mult" in cfg:
+        mult = cfg["channel_mult"]
+        _check(bool(mult) and all(isinstance(m, int) and m >= 1 for m in mult), "channel_mult",
+               mult, "integers >= 1")  # fmt: skip
+    if "label_dropout" in cfg:
+        p = cfg["label_dropout"]
+        _check(_finite(p) and 0 <= p < 1, "label_dropout", p, "in [0, 1)")
+    return cfg
 
 
 def _lo_hi(text: str) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from fdistill.denoisers.base import FeatureTaps
 from fdistill.denoisers.registry import build_denoiser
 from fdistill.generator import OneStepGenerator
 from fdistill.teachers import detect_format, load_teacher
+from fdistill.userfiles import read_json, user_file
 
 EXPORT_META = "fdistill_t2i.json"
 EXPORT_FORMAT = "fdistill-t2i-unet"
@@ -86,16 +87,18 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
         return load_unet_export(p, device)
     if kind == "export":
         cfg, state = runs.read_export(p)
-        model = _network(cfg)
-        model.load_state_dict(state)
-        step = int(cfg.get("step", 0))
+        with user_file(p, "export:"):
+            model = _network(cfg)
+            model.load_state_dict(state)
+            step = int(cfg.get("step", 0))
     elif kind == "run":
         ckpt = runs.load_checkpoint(p)
-        cfg, state = ckpt["config"], ckpt["state"]
-        model = _network(cfg)
-        key = {"teacher": ("ema", "net"), "distill": ("ema", "generator")}[cfg["kind"]]
-        model.load_state_dict(state[key[0] if ema else key[1]])
-        step = int(ckpt["step"])
+        with user_file(p, "checkpoint:"):
+            cfg, state = ckpt["config"], ckpt["state"]
+            model = _network(cfg)
+            key = {"teacher": ("ema", "net"), "distill": ("ema", "generator")}[cfg["kind"]]
+            model.load_state_dict(state[key[0] if ema else key[1]])
+            step = int(ckpt["step"])
     else:
         model = load_teacher(p)
         info = model.info
@@ -187,7 +190,7 @@ def load_unet_export(path: str | Path, device: str | torch.device = "cpu") -> Lo
     from fdistill.teachers.stable_diffusion import StableDiffusionTeacher
 
     p = Path(path)
-    meta = json.loads((p / EXPORT_META).read_text())
+    meta = read_json(p / EXPORT_META)
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{p / EXPORT_META} is not an fdistill text-to-image export")
     cfg = meta["model"]

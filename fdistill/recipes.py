@@ -15,6 +15,7 @@ processes draws exactly its slice of what one process would draw.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -74,7 +75,7 @@ def train_teacher_run(
     start a new run where none is saved.
     """
     out = Path(out)
-    with distributed(cfg.device) as ddp:
+    with distributed(cfg.device) as ddp, contextlib.ExitStack() as hold:
         validate_teacher_config(cfg, ddp.world)
         ds = load_data(
             cfg.data,
@@ -88,6 +89,7 @@ def train_teacher_run(
         model_cfg = default_model(cfg.arch, shape, num_classes, **cfg.model)
         digest = runs.tensor_digest(ds.storage, ds.labels)
         options = runs.resume_options(asdict(cfg), data=digest)
+        hold.enter_context(runs.claim(out, ddp.main))
         options = runs.begin(
             out, resume, start_fresh, options, ddp.main, resumable_paths(TeacherConfig)
         )
@@ -216,7 +218,7 @@ def distill_run(
     :func:`train_teacher_run`)."""
     out = Path(out)
     text = isinstance(cfg, T2IConfig)
-    with distributed(cfg.device) as ddp:
+    with distributed(cfg.device) as ddp, contextlib.ExitStack() as hold:
         (validate_t2i_config if text else validate_distill_config)(cfg, ddp.world)
         prompts = read_prompts(cfg.prompts) if text else None
         teacher = load_teacher(cfg.teacher, **({} if cfg.teacher_ema else {"ema": False}))
@@ -227,6 +229,7 @@ def distill_run(
         if not source.discriminator:
             cfg = replace(cfg, loss=replace(cfg.loss, gan_weight=0.0, r1_gamma=0.0))
         options = runs.resume_options(asdict(cfg), **source.digests)
+        hold.enter_context(runs.claim(out, ddp.main))
         options = runs.begin(
             out, resume, start_fresh, options, ddp.main, resumable_paths(type(cfg))
         )

@@ -13,6 +13,8 @@ metrics log to the checkpoint on resume, and export.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +28,8 @@ from typing import IO
 import torch
 from torch import Tensor, nn
 
-from fdistill.fsutil import check_writable
+from fdistill.fsutil import RunLock, check_writable
+from fdistill.userfiles import as_user_error, read_json
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -56,9 +59,24 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and _out_of_space(e, Path(path)):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device writing {path}; the previous {Path(path).name} "
+                "(if any) is intact: free space and run again (training: add --resume)",
+            ) from None
         raise
+
+
+def _out_of_space(e: Exception, path: Path) -> bool:
+    """Whether a failed write ran out of disk space (torch.save reports it as a RuntimeError
+    of its zip writer; plain writes as ENOSPC)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("no space" in text or "write failed" in text)
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -127,6 +145,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{p} is truncated or not an fdistill checkpoint ({msg})") from None
+    except Exception as e:  # noqa: BLE001 - a crafted file: any failure is one line
+        raise as_user_error(p, e, "not an fdistill checkpoint:") from None
     if not isinstance(ckpt, dict) or not {"config", "state", "step"} <= set(ckpt):
         raise ValueError(f"{p} is a torch file but not an fdistill checkpoint")
     return ckpt
@@ -136,12 +156,12 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
 def read_config(out: str | Path) -> dict:
     """The ``config.json`` of a run or export folder."""
     path = Path(out) / CONFIG
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {CONFIG} in '{out}'") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG} in '{out}'")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def write_config(out: str | Path, config: Mapping) -> None:
@@ -235,6 +255,19 @@ def resume_options(options: Mapping, **digests: str) -> dict:
     return as_json(options) | {k: v[:16] for k, v in digests.items()}
 
 
+@contextlib.contextmanager
+def claim(out: str | Path, main: bool = True):
+    """Hold the run folder ``out`` for this run (the main process takes
+    :class:`fdistill.fsutil.RunLock`; a second process on the same folder stops in one line
+    naming the holder)."""
+    if not main:
+        yield
+        return
+    check_writable(out, "--out")
+    with RunLock(out, "--out"):
+        yield
+
+
 def begin(
     out: str | Path,
     resume: bool,
@@ -267,12 +300,14 @@ def trim_metrics(out: str | Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").split("\n"):
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue  # a line cut by a kill, or not ours
+        step_of = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(step_of, int | float) and step_of <= step:
+            keep.append(line)
     atomic_write_text("".join(f"{line}\n" for line in keep), path)
 
 
@@ -355,6 +390,8 @@ def read_export(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
         state = load_file(str(p / EXPORT_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{p / EXPORT_WEIGHTS} is unreadable ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a crafted file: any failure is one line
+        raise as_user_error(p / EXPORT_WEIGHTS, e) from None
     return read_config(p), state
 
 

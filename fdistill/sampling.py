@@ -34,6 +34,20 @@ def sample_seeds(seed: int, n: int) -> list[int]:
     return [(seed * _SEED_STRIDE + i) % (1 << 32) for i in range(n)]
 
 
+def check_finite_samples(x: Tensor, seeds: Sequence[int]) -> Tensor:
+    """``x`` unchanged, or one line naming the first sample (by seed) that holds NaN/Inf: a
+    broken network or option (e.g. a NaN guidance scale) stops before anything is written."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"generated samples hold NaN or Inf ({int(bad.sum())} of {len(x)} in this batch, "
+            f"first: seed {seeds[i]}); nothing was written. Check the network and the "
+            "sampling options (--guidance, --nfe)"
+        )
+    return x
+
+
 def seeded_labels(seeds: list[int], num_classes: int) -> Tensor:
     """A uniform class per sample, from that sample's own seed (independent of its latent)."""
     return Labels(num_classes).for_seeds(seeds)
@@ -82,7 +96,7 @@ def generate_batches(
             continue
         z = seeded_randn(seeds[i : i + batch], shape, device=device)
         c = labels[i : i + batch].to(device) if labels is not None else None
-        out[j] = fn(z, c).float().cpu()
+        out[j] = check_finite_samples(fn(z, c).float().cpu(), seeds[i : i + batch])
     return out
 
 
@@ -182,7 +196,7 @@ def iter_images(
     for i in range(0, len(prompts), batch):
         z = seeded_randn(seeds[i : i + batch], run.shape, device=device)
         x = fn(z, den.encode_prompts(prompts[i : i + batch]))
-        yield den.decode_latents(x).float().cpu()
+        yield check_finite_samples(den.decode_latents(x).float().cpu(), seeds[i : i + batch])
 
 
 def sample_images(run: LoadedRun, prompts: Sequence[str], seed: int = 0, **kwargs) -> Tensor:

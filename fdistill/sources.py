@@ -72,6 +72,20 @@ def distill_data(cfg: DistillConfig, teacher: nn.Module) -> dict:
             "max_images": cfg.max_images,
             "value_range": cfg.value_range,
         }
+    unused = [
+        flag
+        for flag, value in (
+            ("--resolution", cfg.resolution),
+            ("--max-images", cfg.max_images),
+            ("--range", cfg.value_range),
+        )
+        if value is not None
+    ]
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)} apply to --data; without it the teacher run's own data are "
+            "used as it recorded them (pass --data to choose the real images)"
+        )
     opts = teacher.info.details.get("options", {})
     if "data" not in opts:
         raise ValueError(

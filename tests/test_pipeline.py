@@ -125,8 +125,12 @@ def test_sample_class_and_errors(student, teacher, tmp_path, capsys):
     )
     assert "--class must be in [0, 10)" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(student), "--nfe", "3", "--out", str(npz)]) == 2
-    assert main(["sample", "--ckpt", str(tmp_path), "--out", str(npz)]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["sample", "--ckpt", str(tmp_path / "empty"), "--out", str(npz)]) == 2
     assert "not a teacher fdistill can load" in capsys.readouterr().err
+    # an output inside an input folder is refused before any work
+    assert main(["sample", "--ckpt", str(tmp_path), "--out", str(npz)]) == 2
+    assert "is inside the input --ckpt" in capsys.readouterr().err
     # A checkpoint file works as well as its run folder.
     ckpt_file = str(teacher / "checkpoint.pt")
     assert main(["sample", "--ckpt", ckpt_file, "--nfe", "2", "--n", "3", "--out", str(npz)]) == 0

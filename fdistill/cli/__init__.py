@@ -53,15 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, KeyError)
 
 
+def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
+    """The command that continues an interrupted training run."""
+    if args.command not in ("train-teacher", "distill"):
+        return ""
+    words = [w for w in argv if w not in ("--resume", "--resume-or-start")]
+    return f"; the last checkpoint in {args.out} is intact: resume with: fdistill " + " ".join(
+        [*words, "--resume"]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from fdistill.engine import NonFiniteError
+    from fdistill.engine import NonFiniteError, check_device
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("FDISTILL_DEBUG", "") not in ("", "0")
     try:
+        device = getattr(args, "device", None) or getattr(args, "cfg__device", None)
+        if device is not None:
+            check_device(device)
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"fdistill: interrupted{_resume_hint(argv, args)}", file=sys.stderr)
+        return 130
     except (NonFiniteError, *_USER_ERRORS) as e:
         if debug:
             raise
@@ -73,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if debug:
             raise
-        print(
-            f"fdistill: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
-        )
+        text = " ".join(str(e.strerror or e).split())
+        print(f"fdistill: error: {text}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
 
 
-__all__ = ["build_parser", "main"]
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ the library receives plain values and dataclasses."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fdistill.divergences import NAMES
 
@@ -32,13 +33,29 @@ def given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def check_outputs(*pairs: tuple[str, str | None]) -> None:
-    """Refuse unwritable output files before any work starts."""
+def check_outputs(
+    files: dict[str, str | None],
+    inputs: dict[str, str | None] | None = None,
+    folders: dict[str, str | None] | None = None,
+) -> None:
+    """Before any work: refuse an output (``files`` / ``folders``: option -> path) that is,
+    holds or sits inside an input of the command (a checkpoint, a run folder's files, data,
+    prompts), and an output that cannot be written; one line naming both options."""
+    from fdistill.fsutil import check_outputs as refuse_clobbering
     from fdistill.fsutil import check_writable
 
-    for flag, path in pairs:
+    ins: dict[str, str | None] = {}
+    for flag, path in (inputs or {}).items():
+        ins[flag] = path
+        if path and Path(path).is_file() and Path(path).name == "checkpoint.pt":
+            ins[f"{flag} (its run folder)"] = str(Path(path).parent)
+    refuse_clobbering({**files, **(folders or {})}, ins)
+    for flag, path in files.items():
         if path:
             check_writable(path, flag, is_file=True)
+    for flag, path in (folders or {}).items():
+        if path:
+            check_writable(path, flag)
 
 
 def one_process(what: str) -> None:
@@ -50,7 +67,12 @@ def one_process(what: str) -> None:
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    """``--threads N``: torch's CPU threads (N >= 1)."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {n}")
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(n)

@@ -86,8 +86,17 @@ def run_toy(args: argparse.Namespace) -> int:
     cfg = replace(cfg, train=replace(cfg.train, **train), loss=replace(cfg.loss, **loss))
     validate_loop(cfg.train)
     if args.start_modes is not None:
+        if not 0 <= args.start_modes <= cfg.n_modes:
+            raise ValueError(
+                f"--start-modes must be in [0, {cfg.n_modes}] (0: from scratch), "
+                f"got {args.start_modes}"
+            )
         cfg = replace(cfg, start_modes=args.start_modes)
     if args.weight_spread is not None:
+        if not args.weight_spread >= 1 or args.weight_spread == float("inf"):
+            raise ValueError(
+                f"--weight-spread must be a finite number >= 1, got {args.weight_spread}"
+            )
         cfg = replace(cfg, weight_spread=args.weight_spread)
     if args.compare:
         toy.compare(cfg, args.compare, args.seeds or [args.seed], args.out, quiet=False)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fdistill.cli.options import check_outputs, given, one_process, set_threads
 from fdistill.divergences import NAMES
@@ -55,7 +56,7 @@ def run_sample(args: argparse.Namespace) -> int:
         return run_sample_text(args)
     if not args.grid and not args.out:
         raise ValueError("nothing to write: pass --grid PNG and/or --out NPZ")
-    check_outputs(("--out", args.out), ("--grid", args.grid))
+    check_outputs({"--out": args.out, "--grid": args.grid}, {"--ckpt": args.ckpt})
     set_threads(args)
     # Under torchrun every rank generates its share of the batches; rank 0 writes.
     with distributed(args.device) as ddp:
@@ -90,7 +91,6 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_sample_text(args: argparse.Namespace) -> int:
     from fdistill.data.captions import read_prompts
-    from fdistill.fsutil import check_writable
     from fdistill.models import load_run
     from fdistill.sampling import sample_to_files
 
@@ -104,9 +104,9 @@ def run_sample_text(args: argparse.Namespace) -> int:
         prompts = [args.prompt] * args.n
     else:
         prompts = read_prompts(args.prompts)[: args.n]
-    check_outputs(("--grid", args.grid))
-    if args.out:
-        check_writable(args.out, "--out")
+    check_outputs(
+        {"--grid": args.grid}, {"--ckpt": args.ckpt, "--prompts": args.prompts}, {"--out": args.out}
+    )
     set_threads(args)
     run = load_run(args.ckpt, args.device, ema=not args.raw)
     res = sample_to_files(
@@ -184,7 +184,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from fdistill.engine import distributed
     from fdistill.runs import atomic_write_text
 
-    check_outputs(("--out", args.out))
+    check_outputs(
+        {"--out": args.out},
+        {
+            "--ckpt": args.ckpt,
+            "--ref": args.ref,
+            "--ref-stats": args.ref_stats,
+            "--classifier": args.classifier,
+            "--inception": None if args.inception in (None, "none") else args.inception,
+            "--captions": args.captions,
+            "--clip": args.clip,
+        },
+    )
     set_threads(args)
     t2i_metrics = "clip" in (args.metrics or "").split(",")
     if args.captions or args.clip or t2i_metrics:
@@ -263,7 +274,8 @@ def run_ref_stats(args: argparse.Namespace) -> int:
     from fdistill.evaluation import reference_stats
     from fdistill.metrics import save_stats
 
-    check_outputs(("--out", args.out))
+    data = args.data if Path(args.data).exists() else None  # not a built-in name
+    check_outputs({"--out": args.out}, {"--data": data, "--inception": args.inception})
     set_threads(args)
     mu, sigma = reference_stats(
         args.data,
@@ -360,6 +372,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from fdistill.models import export_run
 
+    check_outputs({}, {"RUN": args.run}, {"--out": args.out})
     out = export_run(args.run, args.out, ema=not args.raw)
     print(f"exported {args.run} -> {out}")
     return 0

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fdistill import runs
 from fdistill.data.loading import decode_image
+from fdistill.userfiles import read_json, user_file
 
 CAPTIONS_JSONL = "captions.jsonl"
 
@@ -51,10 +52,7 @@ def _caption_of(record: Any, where: str) -> str:
 
 
 def _coco(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    d = read_json(path)
     if not isinstance(d, dict) or not isinstance(d.get("annotations"), list):
         raise ValueError(f"{path}: expected a COCO captions file with an 'annotations' list")
     return d
@@ -62,7 +60,13 @@ def _coco(path: Path) -> dict:
 
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a text file (one a line, blank lines skipped), a JSONL (``caption`` or
-    ``text`` field; also a captioned set's ``captions.jsonl``) or a COCO ``captions_*.json``."""
+    ``text`` field; also a captioned set's ``captions.jsonl``) or a COCO ``captions_*.json``;
+    any failure is one line naming the file."""
+    with user_file(path, "prompts:"):
+        return _read_prompts(path)
+
+
+def _read_prompts(path: str | Path) -> list[str]:
     p = Path(path)
     if p.is_dir() and (p / CAPTIONS_JSONL).is_file():
         p = p / CAPTIONS_JSONL
@@ -73,7 +77,8 @@ def read_prompts(path: str | Path) -> list[str]:
         prompts = [_caption_of(a, f"{p}: annotation {i}") for i, a in enumerate(d["annotations"])]
     else:
         try:
-            lines = p.read_text(encoding="utf-8").splitlines()
+            # lines end at "\n" only: a prompt may hold any other character (U+2028, ...)
+            lines = [line.rstrip("\r") for line in p.read_text(encoding="utf-8").split("\n")]
         except UnicodeDecodeError as e:
             raise ValueError(f"{p} is not UTF-8 text ({e})") from None
         first = next((s.strip() for s in lines if s.strip()), "")
@@ -112,7 +117,7 @@ class CaptionedData:
 def _from_jsonl(folder: Path) -> list[tuple[str, str]]:
     path = folder / CAPTIONS_JSONL
     pairs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -153,7 +158,12 @@ def _coco_images(path: Path, d: dict) -> tuple[Path, list[tuple[str, str]]]:
 
 def read_captioned(spec: str | Path, max_images: int | None = None) -> CaptionedData:
     """Captioned images from ``spec`` (see the module docstring); ``max_images`` keeps the first
-    N images (sorted by name) with all their captions."""
+    N images (sorted by name) with all their captions; any failure is one line naming it."""
+    with user_file(spec, "captioned data:"):
+        return _read_captioned(spec, max_images)
+
+
+def _read_captioned(spec: str | Path, max_images: int | None) -> CaptionedData:
     p = Path(spec)
     if p.is_dir() and (p / CAPTIONS_JSONL).is_file():
         root, pairs = p, _from_jsonl(p)
@@ -251,8 +261,8 @@ def encode_latents(
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if saved.get("key") == key:
                 return LatentCache(saved["latents"], path, key, True)
-        except (RuntimeError, OSError, ValueError, EOFError):
-            pass  # unreadable: encode again
+        except Exception:  # noqa: BLE001 - our own cache, unreadable: encode it again
+            pass
     from tqdm.auto import tqdm
 
     out = []

@@ -110,12 +110,20 @@ def installed(owner: nn.Module, modules: dict[str, nn.Module]):
             setattr(owner, name, m)
 
 
-def _backward(loss: Tensor, stats: dict[str, Stat], scale: float, guard: FiniteGuard) -> None:
-    """``(scale * loss).backward()``, with NaN gradients if a statistic is NaN/Inf on this rank.
+def _backward(
+    loss: Tensor, stats: dict[str, Stat], scale: float, guard: FiniteGuard, poison: bool = True
+) -> None:
+    """``(scale * loss).backward()``; with ``poison``, NaN gradients if a statistic is NaN/Inf
+    on this rank.
 
     The poisoned gradients reach every rank through the reduction, so all ranks see a
-    non-finite gradient norm at the same update and stop together.
+    non-finite gradient norm at the same update and stop together. One process needs no
+    poison (the guard reads the statistics themselves), and ``loss * 1.0`` is ``loss``: then
+    this is a plain backward pass, with the same gradients to the bit.
     """
+    if not poison:
+        (loss if scale == 1 else loss * scale).backward()
+        return
     bad = guard.nonfinite(stats)[1].any()
     poison = torch.where(bad, torch.full_like(bad, float("nan"), dtype=loss.dtype), scale)
     (loss * poison).backward()
@@ -164,16 +172,18 @@ class _Bookkeeping:
         self.log = RunLog(out, self.cfg.steps, start, ddp.main, self.desc, self.cfg.progress)
         return start
 
-    def end_step(self, done: int, guard: FiniteGuard, stats: dict[str, Stat]) -> None:
+    def end_step(self, done: int, guard: FiniteGuard, stats: Callable[[], dict[str, Stat]]) -> None:
         """Check for NaN/Inf and copy statistics to the host where due (logging and checkpoint
-        steps, and the last), then log, and checkpoint every ``ckpt_every`` steps and at the end."""
+        steps, and the last), then log, and checkpoint every ``ckpt_every`` steps and at the end.
+        ``stats()`` merges the step's statistics; it is called only where they are due."""
         cfg = self.cfg
         log = done % cfg.log_every == 0 or done == cfg.steps
         ckpt = self.out is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps)
+        host: dict[str, float] = {}
         if log or done % cfg.ckpt_every == 0:
             guard.check()
-            stats = host_stats(stats)
-        self.log.step(done, stats, log)
+            host = host_stats(stats())
+        self.log.step(done, host, log)
         if ckpt:
             save_run(self.out, done, self.config, self.objects, self.gens, self.ddp)
 
@@ -234,24 +244,37 @@ def train(
         share.eager.add(id(trained[name]))
     share.compile([trained[name] for name in plan.compile if name not in plan.eager])
     guard, micro = FiniteGuard(ddp.device), MicroBatches(gens, k)
+    # At tiny sizes the per-update Python work shows: nothing is done for DDP, bf16 or
+    # several processes where there are none (see benchmarks/engine_overhead.py).
+    ddp_kind, poison = share.kind == "ddp", ddp.world > 1
+    amp = bf16_supported(ddp.device) and cfg.bf16
+    null = contextlib.nullcontext()
 
     def accumulate(phase: Phase) -> dict[str, Stat]:
         """Forward and backward over the micro-batches of one update; merged statistics."""
         names = plan.optimizers[phase.optimizer].modules
         nets = [trained[x] for x in names]
-        rest = [m for x, m in trained.items() if x not in names]
+        rest = [m for x, m in trained.items() if x not in names] if ddp_kind else []
         parts = []
         for m in micro:
-            with share.no_sync([*rest, *(nets if m < k - 1 else [])]):
-                with autocast(ddp.device, cfg.bf16):
+            with share.no_sync([*rest, *(nets if m < k - 1 else [])]) if ddp_kind else null:
+                with autocast(ddp.device, True) if amp else null:
                     loss, st = phase.loss(inputs, n, gens)
                 parts.append(st)
-                _backward(loss, st, 1 / k, guard)
-        for name, net in zip(names, share.reduce(nets), strict=True):
-            if net is not trained[name]:  # wrapped by DDP after its first update
-                trained[name] = net
-                setattr(method, name, net)
+                _backward(loss, st, 1 / k, guard, poison)
+        if ddp_kind:
+            for name, net in zip(names, share.reduce(nets), strict=True):
+                if net is not trained[name]:  # wrapped by DDP after its first update
+                    trained[name] = net
+                    setattr(method, name, net)
         return merge_stats(parts)
+
+    def step_stats(phases: list[list[dict[str, Stat]]]) -> dict[str, Stat]:
+        """A step's statistics: for each phase the mean over its updates."""
+        out: dict[str, Stat] = {}
+        for parts in phases:
+            out |= merge_stats(parts)
+        return out
 
     try:
         with installed(method, trained):
@@ -261,7 +284,7 @@ def train(
                     if spec.warmup > 0:
                         for group in opts[o].param_groups:
                             group["lr"] = spec.lr * min(1.0, done / spec.warmup)
-                stats: dict[str, Stat] = {}
+                phase_parts: list[list[dict[str, Stat]]] = []
                 for phase in plan.phases:
                     opt, parts = opts[phase.optimizer], []
                     for _ in range(phase.repeat):
@@ -277,10 +300,10 @@ def train(
                             norm_key=phase.norm_key,
                         )
                         parts.append(st)
-                    stats |= merge_stats(parts)  # logged: the mean over the phase's updates
+                    phase_parts.append(parts)  # logged: the mean over the phase's updates
                 skip = guard.tripped
                 ema.update(getattr(method, plan.ema), done if cfg.ema_warmup else None, skip=skip)
-                books.end_step(done, guard, stats)
+                books.end_step(done, guard, lambda parts=phase_parts: step_stats(parts))
                 if on_step is not None:
                     on_step(done, ema)
         share.finish()

@@ -44,9 +44,24 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda when available, else cpu) as a name torch accepts and this
+    machine has; one line otherwise."""
+    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(want).type
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {want!r}") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {want!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {want}: this machine has no CUDA device; use --device cpu")
+    return want
+
+
 def init_distributed(device: str | None = None) -> Dist:
     """Join the ``torchrun`` process group when ``RANK`` is set; otherwise one CPU/GPU process."""
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = check_device(device)
     if "RANK" not in os.environ:
         return Dist(0, 1, torch.device(want))
     if not dist.is_initialized():

@@ -39,12 +39,21 @@ class EMA:
         weight: float | Tensor = 1 - decay
         if skip is not None:
             weight = (~skip).float() * weight
-        cast: dict[torch.dtype, float | Tensor] = {}
-        for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
-            w = weight
+        mine = list(self.module.parameters())
+        theirs = [full_tensor(p.detach()) for p in module.parameters()]
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA of {len(mine)} parameters updated from {len(theirs)}")
+        # One fused call per dtype (the per-tensor lerp_ it runs gives the same bits).
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for e, p in zip(mine, theirs, strict=True):
+            group = groups.setdefault((e.device, e.dtype), ([], []))
+            group[0].append(e)
+            group[1].append(p)
+        for (device, dtype), (es, ps) in groups.items():
             if isinstance(weight, Tensor):
-                w = cast.setdefault(e.dtype, weight.to(e.device, e.dtype))
-            e.lerp_(full_tensor(p.detach()), w)
+                torch._foreach_lerp_(es, ps, [weight.to(device, dtype)] * len(es))
+            else:
+                torch._foreach_lerp_(es, ps, weight)
         for e, b in zip(self.module.buffers(), module.buffers(), strict=True):
             e.copy_(b if skip is None else torch.where(skip, e, b))
 

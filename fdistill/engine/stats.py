@@ -125,7 +125,10 @@ class FiniteGuard:
         fkeys = [k for k, v in stats.items() if not isinstance(v, Tensor)]
         flags = []
         if tkeys:  # a binned statistic is one value here: the sum of its entries
-            vals = [stats[k].detach().float().sum().to(self.device) for k in tkeys]
+            vals = []
+            for k in tkeys:
+                v = stats[k].detach().float()
+                vals.append((v.sum() if v.ndim else v).to(self.device))
             flags.append(~torch.isfinite(torch.stack(vals)))
         if fkeys:
             host = [not math.isfinite(stats[k]) for k in fkeys]
@@ -135,7 +138,7 @@ class FiniteGuard:
                 flags.append(torch.zeros(len(fkeys), dtype=torch.bool, device=self.device))
         if not flags:
             return (), torch.zeros(0, dtype=torch.bool, device=self.device)
-        return (*tkeys, *fkeys), torch.cat(flags)
+        return (*tkeys, *fkeys), flags[0] if len(flags) == 1 else torch.cat(flags)
 
     def observe(self, step: int, stats: dict[str, Stat]) -> Tensor:
         """Record one update's statistics; return ``found_inf`` (see the class docstring)."""

@@ -103,7 +103,7 @@ def read_caption_pool(path: str | Path) -> CaptionPool:
             caps.append(a["caption"].strip())
             ids.append(a.get("image_id"))
     elif p.suffix.lower() == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 rec = json.loads(line)
                 if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str):
@@ -111,7 +111,7 @@ def read_caption_pool(path: str | Path) -> CaptionPool:
                 caps.append(rec["caption"].strip())
                 ids.append(rec.get("image_id"))
     else:
-        caps = [s.strip() for s in text.splitlines() if s.strip()]
+        caps = [s.strip() for s in text.split("\n") if s.strip()]
         ids = [None] * len(caps)
     if not caps:
         raise ValueError(f"{p} holds no captions")
