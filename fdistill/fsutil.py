@@ -182,8 +182,8 @@ class RunLock:
 
 # --------------------------------------------------------------------------- outputs vs inputs
 
-# What a run folder holds that an output must never replace (see fdistill.runs).
-RUN_FILES = ("checkpoint.pt", "config.json")
+# What a run or export folder holds that an output must never replace (see fdistill.runs).
+RUN_FILES = ("checkpoint.pt", "config.json", "model.safetensors", "fdistill_t2i.json")
 
 
 def _real(path: str | os.PathLike) -> Path:

@@ -8,6 +8,7 @@ on the batch it ran in or the number of processes.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -116,6 +117,10 @@ def run_sampler(
 ) -> Callable[[Tensor, Tensor | None], Tensor]:
     """``fn(z, c) -> images`` for a loaded run: Heun with ``nfe`` calls (teacher, default 35)
     or the student's single step."""
+    if not (isinstance(guidance, int | float) and math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number >= 0, got {guidance!r}")
+    if nfe is not None and nfe < 1:
+        raise ValueError(f"--nfe must be an integer >= 1, got {nfe}")
     if run.kind == "teacher":
         s = run.config["sampler"]
         nfe = DEFAULT_TEACHER_NFE if nfe is None else nfe
@@ -150,6 +155,8 @@ def sample_run(
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     if run.config.get("model", {}).get("type") == "sd-unet":
         raise ValueError(
             "a text-to-image model samples from prompts: pass --prompt TEXT or --prompts FILE "

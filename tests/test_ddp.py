@@ -146,7 +146,7 @@ def mlp_runs(variant: str = "single") -> dict[str, dict[str, torch.Tensor]]:
             fake,
             MultiScaleHead.for_network(fake, hidden=16),
             get_divergence("js"),
-            LossConfig(gan_weight=1e-2, normalize=False),
+            LossConfig(gan_weight=1e-2, normalize=False, disc_features="fake"),
         )
         vec = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
         cfg = TrainConfig(steps=3, batch=8, critic_ratio=2, lr_gen=1e-3, progress=False)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from fdistill import recipes, toy
 from fdistill.cli.generate import add_config_options, apply_config_options, given_options
-from fdistill.cli.options import divergence_list, given, int_list, set_threads
+from fdistill.cli.options import check_outputs, divergence_list, given, int_list, set_threads
 from fdistill.config import (
     PRESETS,
     TEACHER_PRESETS,
@@ -183,6 +184,8 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         cfg = apply_teacher_preset(cfg, args.preset)
     cfg = apply_config_options(cfg, args, "teacher training")
     cfg = replace(cfg, model=_network_overrides(args, cfg.arch))
+    data = cfg.data if Path(cfg.data).exists() else None  # not a built-in name
+    check_outputs({}, {"--data": data}, {"--out": args.out})
     set_threads(args)
     res = recipes.train_teacher_run(
         cfg, args.out, resume=args.resume or args.resume_or_start, start_fresh=args.resume_or_start
@@ -243,6 +246,12 @@ def run_distill(args: argparse.Namespace) -> int:
     cfg = apply_config_options(
         cfg, args, "an image teacher (text-to-image options need a Stable Diffusion --teacher)"
     )
+    inputs = {"--teacher": cfg.teacher, "--data": cfg.data if cfg.data else None}
+    if text:
+        inputs |= {"--prompts": cfg.prompts, "--latent-cache": cfg.latent_cache}
+    if inputs["--data"] and not Path(inputs["--data"]).exists():
+        inputs["--data"] = None  # a built-in name
+    check_outputs({}, inputs, {"--out": args.out})
     set_threads(args)
     res = recipes.distill_run(
         cfg, args.out, resume=args.resume or args.resume_or_start, start_fresh=args.resume_or_start
