@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fdistill.data.captions import PROMPT_FORMATS
 from fdistill.divergences import NAMES, get_divergence
 from fdistill.engine import LoopConfig, TeacherTrainConfig, TrainConfig
+from fdistill.generator import STUDENT_INPUTS, validate_student_sigmas
 from fdistill.methods import LossConfig
 from fdistill.options import option, resumable_paths, set_path
 from fdistill.samplers import DEFAULT_TEACHER_NFE
@@ -85,6 +86,16 @@ def _names(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("expected names separated by commas")
     return names
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise ValueError("expected numbers separated by commas")
+    return values
 
 
 def _data_options(default: str | None, what: str) -> dict:
@@ -176,6 +187,25 @@ class DistillConfig:
         metavar="T1,T2,...",
     )
     head_hidden: int = option(64, help="discriminator head width")
+    student_steps: int = option(
+        1,
+        help="network evaluations of the student (1: a one-step generator; K > 1 samples in K "
+        "steps, re-noising with fresh noise in between)",
+    )
+    student_sigmas: tuple[float, ...] | None = option(
+        None,
+        help="the student's K noise levels, descending (default: the teacher's timesteps T-1, "
+        "T-1-T/K, ... for a discrete-time teacher; the first K points of a K+1-point Karras "
+        "grid for an EDM teacher)",
+        parse=_floats,
+        metavar="S1,...,SK",
+    )
+    student_inputs: str = option(
+        "backward",
+        help="training inputs of a K-step student: backward simulation from noise (DMD2) or "
+        "real data noised to the drawn level (FastGen)",
+        choices=STUDENT_INPUTS,
+    )
     grid_every: int = option(100, help="steps between sample grids (0: none)", resumable=True)
     grid_n: int | None = option(
         None, help="samples per grid (default 100; 16 for text)", resumable=True
@@ -424,6 +454,14 @@ def validate_distill_config(cfg: DistillConfig, world: int = 1) -> None:
         "in [0, 1)",
     )
     _check(cfg.head_hidden >= 1, "head_hidden", cfg.head_hidden, "an integer >= 1")
+    _check(
+        isinstance(cfg.student_steps, int) and cfg.student_steps >= 1,
+        "student_steps",
+        cfg.student_steps,
+        "an integer >= 1",
+    )
+    if cfg.student_sigmas is not None:
+        validate_student_sigmas(cfg.student_sigmas, cfg.student_steps)
     get_divergence(cfg.divergence, **({"alpha": cfg.alpha} if cfg.alpha is not None else {}))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from fdistill import runs
 from fdistill.denoisers.base import FeatureTaps
 from fdistill.denoisers.registry import build_denoiser
-from fdistill.generator import OneStepGenerator
+from fdistill.generator import OneStepGenerator, Student
 from fdistill.teachers import detect_format, load_teacher
 from fdistill.userfiles import read_json, user_file
 
@@ -121,8 +121,18 @@ def _network(cfg: dict) -> nn.Module:
     if kind == "teacher":
         return build_denoiser(cfg["model"])
     if kind == "distill":
-        return OneStepGenerator(build_denoiser(cfg["model"]), sigma_init=cfg["sigma_init"])
+        return student_of(build_denoiser(cfg["model"]), cfg)
     raise ValueError(f"not a teacher or distill run (kind {kind!r})")
+
+
+def student_of(denoiser: nn.Module, cfg: dict) -> Student:
+    """The student a run or export config describes around ``denoiser``: its ``student``
+    record (K levels), or an older run's ``sigma_init`` (one step, :class:`OneStepGenerator`)."""
+    spec = cfg.get("student") or {"sigmas": [cfg["sigma_init"]]}
+    student = Student.from_config(denoiser, spec)
+    if student.steps == 1 and student.inputs == "backward":
+        return OneStepGenerator(denoiser, sigma_init=student.sigma_init)
+    return student
 
 
 def export_run(path: str | Path, out: str | Path, ema: bool = True) -> Path:
@@ -131,7 +141,8 @@ def export_run(path: str | Path, out: str | Path, ema: bool = True) -> Path:
     run = load_run(path, ema=ema)
     if run.config.get("t2i"):
         return export_unet(run, out, ema)
-    keep = ("kind", "model", "shape", "num_classes", "sigma_init", "sampler", "teacher", "data")
+    keep = ("kind", "model", "shape", "num_classes", "sigma_init", "student", "sampler")
+    keep += ("teacher", "data")
     config = {k: run.config[k] for k in keep if k in run.config}
     config |= {"step": run.step, "weights": "ema" if ema else "raw"}
     return runs.write_export(out, run.model, config)
@@ -173,6 +184,10 @@ def export_unet(run: LoadedRun, out: str | Path, ema: bool = True) -> Path:
         "shape": list(run.shape),
         "num_classes": 0,
         "sigma_init": sigma,
+        "student": run.model.config,
+        # the UNet timesteps of the student's levels: a diffusers scheduler set to these
+        # (LCMScheduler, timesteps=...) runs the same K steps
+        "timesteps": [float(t) for t in den.schedule.timestep(torch.tensor(run.model.sigmas))],
         "timestep": float(den.schedule.timestep(torch.tensor([sigma]))[0]),
         "prediction_type": den.prediction_type,
         "t2i": run.config.get("t2i", {}),
@@ -198,7 +213,7 @@ def load_unet_export(path: str | Path, device: str | torch.device = "cpu") -> Lo
     den = StableDiffusionTeacher(
         unet, cfg["schedule"], cfg["prediction_type"], context=cfg["context"]
     )
-    model = OneStepGenerator(den, sigma_init=meta["sigma_init"])
+    model = student_of(den, meta)
     model.requires_grad_(False).eval().to(device)
     return LoadedRun("distill", model, meta, int(meta.get("step", 0)))
 

@@ -43,7 +43,12 @@ from fdistill.denoisers.base import FeatureTaps
 from fdistill.denoisers.registry import build_denoiser, copy_denoiser, inference_config
 from fdistill.divergences import get_divergence
 from fdistill.engine import distributed, make_batch_randoms, train
-from fdistill.generator import OneStepGenerator
+from fdistill.generator import (
+    OneStepGenerator,
+    Student,
+    default_student_sigmas,
+    validate_student_sigmas,
+)
 from fdistill.methods import Denoising, FDistill, Inputs
 from fdistill.methods.fdistill import ConstantLogit, DistributionMatchingOnly
 from fdistill.options import resumable_paths
@@ -160,6 +165,29 @@ def r1_attention_processor():
     return MathWhenGrad()
 
 
+def student_sigmas(cfg: DistillConfig, teacher: nn.Module) -> list[float]:
+    """The student's noise levels: ``cfg.student_sigmas`` or the teacher's defaults
+    (:func:`fdistill.generator.default_student_sigmas`; one step: the teacher's top sigma),
+    checked against the teacher's range."""
+    info, k = teacher.info, cfg.student_steps
+    if cfg.student_sigmas is not None:
+        sigmas = cfg.student_sigmas
+    elif k == 1:
+        sigmas = [info.sigma_max]
+    else:
+        sigmas = default_student_sigmas(k, teacher)
+    return validate_student_sigmas(sigmas, k, info.sigma_min, info.sigma_max)
+
+
+def build_student(cfg: DistillConfig, teacher: nn.Module) -> Student:
+    """The student initialised from the teacher: one step (:class:`OneStepGenerator`, today's
+    student bit for bit) or K steps at :func:`student_sigmas`."""
+    sigmas = student_sigmas(cfg, teacher)
+    if len(sigmas) == 1 and cfg.student_inputs == "backward":
+        return OneStepGenerator(copy_denoiser(teacher), sigma_init=sigmas[0])
+    return Student(copy_denoiser(teacher), sigmas, cfg.student_inputs)
+
+
 def build_distill(cfg: DistillConfig, teacher: nn.Module, discriminator: bool = True) -> FDistill:
     """Frozen ``teacher`` (a loaded denoiser with ``.info``), student and fake score copied from
     it, and discriminator heads on the selected feature maps of the teacher or fake score.
@@ -185,7 +213,7 @@ def build_distill(cfg: DistillConfig, teacher: nn.Module, discriminator: bool = 
     params = {"alpha": cfg.alpha} if cfg.alpha is not None else {}
     parts = dict(
         teacher=teacher,
-        generator=OneStepGenerator(copy_denoiser(teacher), sigma_init=info.sigma_max),
+        generator=build_student(cfg, teacher),
         fake_score=fake,
         head=MultiScaleHead(maps, hidden=cfg.head_hidden),
         divergence=get_divergence(cfg.divergence, **params),
@@ -255,7 +283,8 @@ def distill_run(
             "model": inference_config(teacher.config),
             "shape": list(source.shape),
             "num_classes": teacher.info.num_classes if conditioning.kind == "labels" else 0,
-            "sigma_init": teacher.info.sigma_max,
+            "sigma_init": model.generator.sigma_init,
+            "student": model.generator.config,
             "teacher": source.teacher,
             "data": source.data,
             **source.extra,

@@ -84,9 +84,15 @@ def guided(denoiser: DenoiserFn, scale: float) -> DenoiserFn:
             return denoiser(x, sigma, cond)
         d_u = denoiser(x, sigma, None)
         d_c = denoiser(x, sigma, cond)
-        return d_u + scale * (d_c - d_u)
+        return guide(d_u, d_c, scale)
 
     return denoise
+
+
+def guide(d_uncond: Tensor, d_cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance of two denoised estimates: ``D_u + scale * (D_c - D_u)`` (the
+    one place the formula is written; the sampler and the distillation teacher use it)."""
+    return d_uncond + scale * (d_cond - d_uncond)
 
 
 def sigma_grid(
@@ -277,6 +283,7 @@ __all__ = [
     "guided",
     "heun_sampler",
     "sample_with_nfe",
+    "guide",
     "seeded_randn",
     "sigma_grid",
     "steps_for_nfe",

@@ -21,9 +21,10 @@ from fdistill import runs
 from fdistill.conditioning import Codec, Conditioning, Labels
 from fdistill.data.captions import CAPTIONS_JSONL
 from fdistill.engine import EMA, Dist
+from fdistill.generator import Student
 from fdistill.images import save_image_grid, to_uint8
 from fdistill.models import LoadedRun, with_pipeline
-from fdistill.samplers import DEFAULT_TEACHER_NFE, sample_with_nfe, seeded_randn
+from fdistill.samplers import DEFAULT_TEACHER_NFE, SeededGenerator, sample_with_nfe
 
 # torch's CPU generator keeps only the low 32 bits of a seed, so seeds are built inside them.
 _SEED_STRIDE = 1_000_003
@@ -33,6 +34,28 @@ def sample_seeds(seed: int, n: int) -> list[int]:
     """Per-sample seeds: sample ``i`` of ``--seed s`` uses ``(s * 1_000_003 + i) mod 2**32``,
     so different ``s`` give disjoint samples for up to a million samples each."""
     return [(seed * _SEED_STRIDE + i) % (1 << 32) for i in range(n)]
+
+
+class WithNoise:
+    """A sampler ``fn(z, c, noise)`` that draws from each sample's own stream after its latent
+    (``noise``: a :class:`fdistill.samplers.SeededGenerator`), e.g. a K-step student decoded."""
+
+    def __init__(self, fn: Callable[[Tensor, object, SeededGenerator], Tensor]):
+        self.fn = fn
+
+    def __call__(self, z: Tensor, c: object, noise: SeededGenerator) -> Tensor:
+        return self.fn(z, c, noise)
+
+
+def run_fn(fn: Callable, z: Tensor, c: object, noise: SeededGenerator) -> Tensor:
+    """One batch of a sampler: a student (:class:`fdistill.generator.Student`) samples its K
+    steps with ``noise`` (each sample's own stream, after its latent), and so does a
+    :class:`WithNoise`; any other ``fn(z, c)`` (a teacher's Heun sampler) needs no noise."""
+    if isinstance(fn, Student):
+        return fn.sample(z, c, noise)
+    if isinstance(fn, WithNoise):
+        return fn(z, c, noise)
+    return fn(z, c)
 
 
 def check_finite_samples(x: Tensor, seeds: Sequence[int]) -> Tensor:
@@ -95,9 +118,10 @@ def generate_batches(
     for j, i in enumerate(range(0, len(seeds), batch)):
         if j % world != rank:
             continue
-        z = seeded_randn(seeds[i : i + batch], shape, device=device)
+        noise = SeededGenerator(seeds[i : i + batch], device)
+        z = noise.randn(shape)  # the latents of seeded_randn, then each sample's own stream
         c = labels[i : i + batch].to(device) if labels is not None else None
-        out[j] = check_finite_samples(fn(z, c).float().cpu(), seeds[i : i + batch])
+        out[j] = check_finite_samples(run_fn(fn, z, c, noise).float().cpu(), seeds[i : i + batch])
     return out
 
 
@@ -127,8 +151,10 @@ def run_sampler(
         return lambda z, c: sample_with_nfe(
             run.model, z, nfe, c, s["sigma_min"], s["sigma_max"], s["rho"], guidance=guidance
         )
-    if nfe not in (None, 1):
-        raise ValueError(f"a one-step student samples with 1 NFE, got --nfe {nfe}")
+    steps = run.model.steps if isinstance(run.model, Student) else 1
+    if nfe not in (None, steps):
+        what = "a one-step student" if steps == 1 else f"a {steps}-step student"
+        raise ValueError(f"{what} samples with {steps} NFE, got --nfe {nfe}")
     if guidance != 1.0:
         raise ValueError("guidance is distilled into the student; sample it without --guidance")
     return run.model
@@ -201,8 +227,9 @@ def iter_images(
     den = with_pipeline(run)
     fn = run_sampler(run, nfe, guidance)
     for i in range(0, len(prompts), batch):
-        z = seeded_randn(seeds[i : i + batch], run.shape, device=device)
-        x = fn(z, den.encode_prompts(prompts[i : i + batch]))
+        noise = SeededGenerator(seeds[i : i + batch], device)
+        z = noise.randn(run.shape)
+        x = run_fn(fn, z, den.encode_prompts(prompts[i : i + batch]), noise)
         yield check_finite_samples(den.decode_latents(x).float().cpu(), seeds[i : i + batch])
 
 
@@ -284,10 +311,8 @@ def grid_writer(
         if out is None or not ddp.main or every <= 0 or (done % every and done != total):
             return
         fn = render(ema.module)
-        cond = conditioning.grid(n)
-        images = generate(
-            lambda z, c: codec.decode(fn(z, c)), shape, seeds, cond, device=ddp.device
-        )
+        decoded = WithNoise(lambda z, c, noise: codec.decode(run_fn(fn, z, c, noise)))
+        images = generate(decoded, shape, seeds, conditioning.grid(n), device=ddp.device)
         path = out / "grids" / f"{done:07d}.png"
         save_image_grid(images, path, nrow=conditioning.grid_columns, padding=1)
 

@@ -370,7 +370,7 @@ class _StubDistill(FDistill):
     def critic_parameters(self):
         return [*self.fake_score.parameters(), *self.head.parameters()]
 
-    def critic_loss(self, z, cond, x_real, cond_real, gen):
+    def critic_loss(self, z, cond, x_real, cond_real, gen, *, x_student=None):
         with torch.no_grad():
             x = self.generator(z)
         x_t = x + rng.randn(x.shape, gen)
@@ -378,7 +378,7 @@ class _StubDistill(FDistill):
         disc = F.softplus(-self.head(x_real)) + F.softplus(self.head(x))
         return (dsm + disc.squeeze(1)).mean(), {"loss_dsm": dsm.mean(), "loss_disc": disc.mean()}
 
-    def generator_loss(self, z, cond, gen):
+    def generator_loss(self, z, cond, gen, *, x_student=None):
         x = self.generator(z)
         for p in self.critic_parameters():
             p.requires_grad_(False)

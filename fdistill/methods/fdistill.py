@@ -20,6 +20,7 @@ from fdistill.critic import MultiScaleHead, feature_taps_of
 from fdistill.denoisers.base import sigma_view
 from fdistill.denoisers.edm import karras_sigmas
 from fdistill.divergences import Divergence
+from fdistill.generator import Student
 from fdistill.loss import (
     RATIO_BINNINGS,
     FDistillWeights,
@@ -32,6 +33,7 @@ from fdistill.loss import (
 )
 from fdistill.methods.base import Inputs, Method, Optimizer, Phase, Plan, Streams
 from fdistill.options import option
+from fdistill.samplers import guide
 
 FEATURE_SOURCES = ("fake", "teacher")
 FAKE_WEIGHTINGS = ("edm", "none")
@@ -158,6 +160,7 @@ class FDistill(Method):
         )
         self.teacher.requires_grad_(False).eval()
         self.cfg = cfg
+        self._needs_real = False  # a forward-input K-step student reads real data (plan())
         source = teacher if cfg.disc_features == "teacher" else fake_score
         if isinstance(head, MultiScaleHead):
             maps = feature_taps_of(source).selected_feature_maps()
@@ -187,6 +190,8 @@ class FDistill(Method):
         generator update (``cfg.lr_gen``); the generator is averaged. With R1 the
         discriminator's feature network is differentiated twice, which compiled graphs
         (AOT autograd) do not support: that network stays eager."""
+        # decided before the engine wraps the student (a DDP wrapper hides its attributes)
+        self._needs_real = isinstance(self.generator, Student) and self.generator.needs_real_data
         r1_net = None
         if self.cfg.r1_gamma > 0:
             r1_net = "teacher" if self.cfg.disc_features == "teacher" else "fake_score"
@@ -212,16 +217,38 @@ class FDistill(Method):
         """One critic loss on a fresh batch: real data from ``streams["data"]``, the student's
         inputs and every noise draw from ``streams["noise"]``."""
         x_real, c_real = inputs.real(n, streams["data"])
-        z, c = inputs.latents(n, streams["noise"])
-        return self.critic_loss(z, c, x_real, c_real, streams["noise"])
+        z, c, x_student = self._student_inputs(inputs, n, streams)
+        return self.critic_loss(z, c, x_real, c_real, streams["noise"], x_student=x_student)
 
     def generator_phase(self, inputs: Inputs, n: int, streams: Streams):
         """One generator loss on fresh student inputs (all draws from ``streams["noise"]``)."""
+        z, c, x_student = self._student_inputs(inputs, n, streams)
+        return self.generator_loss(z, c, streams["noise"], x_student=x_student)
+
+    def _student_inputs(self, inputs: Inputs, n: int, streams: Streams):
+        """``(z, cond, x_student)``: the student's noise and conditioning, and for a K-step
+        student trained on forward-noised data (``student_inputs="forward"``) a real batch of
+        its own (whose conditioning it then generates for)."""
         z, c = inputs.latents(n, streams["noise"])
-        return self.generator_loss(z, c, streams["noise"])
+        if not self._needs_real:
+            return z, c, None
+        x_student, c = inputs.real(n, streams["data"])
+        return z, c, x_student
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return [*self.fake_score.parameters(), *self.head.parameters()]
+
+    def student_sample(
+        self,
+        z: Tensor,
+        cond: Tensor | None,
+        generator: rng.RandomSource = None,
+        x_student: Tensor | None = None,
+    ) -> Tensor:
+        """The student's training sample ``x0``: one step from ``z`` (K = 1), or K-step
+        backward simulation / forward-noised ``x_student`` (:class:`fdistill.generator.Student`),
+        through ``self.generator`` so a DDP wrapper syncs its gradients."""
+        return self.generator(z, cond, generator, train=True, x_real=x_student).x0
 
     def sample_sigma(self, n: int, generator: rng.RandomSource = None) -> Tensor:
         """Noise levels: a uniform index into the Karras grid, extremes excluded."""
@@ -239,8 +266,7 @@ class FDistill(Method):
         if self.cfg.guidance != 1.0 and cond is not None:
             with torch.no_grad():
                 uncond = self.teacher(x_t, sigma, None)
-            d = out[0]
-            out = (uncond + self.cfg.guidance * (d - uncond), out[1])
+            out = (guide(uncond, out[0], self.cfg.guidance), out[1])
         return out
 
     def _noise(self, x: Tensor, sigma: Tensor, generator: rng.RandomSource) -> Tensor:
@@ -261,6 +287,8 @@ class FDistill(Method):
         x_real: Tensor,
         cond_real: Tensor | None,
         generator: rng.RandomSource = None,
+        *,
+        x_student: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Fake-score denoising loss on detached student samples + discriminator loss.
 
@@ -269,7 +297,7 @@ class FDistill(Method):
         ``disc_loss/bin<k>`` (bins without samples in this batch are left out).
         """
         with torch.no_grad():
-            x_fake = self.generator(z, cond)
+            x_fake = self.student_sample(z, cond, generator, x_student)
         n = x_fake.shape[0]
         sigma = self.sample_sigma(n, generator).to(x_fake.dtype)
         xf_t = self._noise(x_fake, sigma, generator)
@@ -304,14 +332,16 @@ class FDistill(Method):
         values |= {"logit_real": lr.mean(), "logit_fake": lf.mean()}
         values["disc_gap"] = values["logit_real"] - values["logit_fake"]
         idx = self.sigma_bins(sigma)
-        binned = torch.zeros(3, self.sigma_bins.num_bins, device=lr.device)
-        binned[0].index_add_(0, idx, (lr - lf).float())
-        binned[1].index_add_(0, idx, disc.detach().float())
-        binned[2].index_add_(0, idx, torch.ones_like(lr, dtype=torch.float32))
-        stats = _host(
-            values,
-            {"disc_gap": binned[[0, 2]], "disc_loss": binned[[1, 2]]},
+        # Per-bin sums of the gap, the loss and the count in one index_add_ (rows are added
+        # in order, as three separate ones would); rows (gap, count) and (loss, count).
+        per_sample = (
+            (lr - lf).float(),
+            disc.detach().float(),
+            torch.ones_like(lr, dtype=torch.float32),
         )
+        binned = lr.new_zeros(self.sigma_bins.num_bins, 3, dtype=torch.float32)
+        binned = binned.index_add_(0, idx, torch.stack(per_sample, 1)).T
+        stats = _host(values, {"disc_gap": binned[0::2], "disc_loss": binned[1:]})
         return loss.mean(), stats
 
     def generator_loss(
@@ -319,6 +349,8 @@ class FDistill(Method):
         z: Tensor,
         cond: Tensor | None,
         generator: rng.RandomSource = None,
+        *,
+        x_student: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """h-weighted distribution matching loss + GAN term, at one ``(x_t, sigma)`` per sample.
 
@@ -329,7 +361,7 @@ class FDistill(Method):
         activations for a backward pass that never reaches them. Statistics include the spread
         of the weights: ``h_min``, ``h_mean``, ``h_max`` and ``h_cv`` (std / mean).
         """
-        x = self.generator(z, cond)
+        x = self.student_sample(z, cond, generator, x_student)
         n = x.shape[0]
         sigma = self.sample_sigma(n, generator).to(x.dtype)
         x_t = self._noise(x.detach(), sigma, generator)
@@ -379,9 +411,9 @@ class DistributionMatchingOnly(FDistill):
     discriminator, nothing read from ``x_real``); the generator loss is the distribution-
     matching term with ``h = 1`` after normalisation (reverse KL, i.e. DMD)."""
 
-    def critic_loss(self, z, cond, x_real=None, cond_real=None, generator=None):
+    def critic_loss(self, z, cond, x_real=None, cond_real=None, generator=None, *, x_student=None):
         with torch.no_grad():
-            x_fake = self.generator(z, cond)
+            x_fake = self.student_sample(z, cond, generator, x_student)
         n = x_fake.shape[0]
         sigma = self.sample_sigma(n, generator).to(x_fake.dtype)
         xf_t = self._noise(x_fake, sigma, generator)
