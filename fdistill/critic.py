@@ -69,6 +69,7 @@ def vector_head(channels: int, hidden: int) -> nn.Sequential:
 class MultiScaleHead(nn.Module):
     """One head per feature map; the logit is the mean of the heads' logits.
 
+    ``hidden``: the heads' width (``None``: each map's own channel count, the official design).
     ``maps`` are the :class:`FeatureMap` descriptions of the features, in the order the feature
     network returns them (``feature_taps_of(net).selected_feature_maps()``, or use
     :meth:`for_network`). Square maps get :func:`spatial_head`, vectors (resolution 0)
@@ -76,20 +77,21 @@ class MultiScaleHead(nn.Module):
     logits, computed in float32 whatever the features' dtype or an active autocast.
     """
 
-    def __init__(self, maps: Sequence[FeatureMap], hidden: int = 64):
+    def __init__(self, maps: Sequence[FeatureMap], hidden: int | None = 64):
         super().__init__()
         self.maps = tuple(maps)
         if not self.maps:
             raise ValueError("MultiScaleHead needs at least one feature map")
+        # hidden=None: each head keeps its map's width, as the official heads do
         self.heads = nn.ModuleList(
-            spatial_head(m.channels, m.resolution, hidden)
+            spatial_head(m.channels, m.resolution, hidden or m.channels)
             if m.resolution
-            else vector_head(m.channels, hidden)
+            else vector_head(m.channels, hidden or m.channels)
             for m in self.maps
         )
 
     @classmethod
-    def for_network(cls, net: nn.Module, hidden: int = 64) -> MultiScaleHead:
+    def for_network(cls, net: nn.Module, hidden: int | None = 64) -> MultiScaleHead:
         """A head for the maps ``net`` (a denoiser or raw network) currently selects."""
         return cls(feature_taps_of(net).selected_feature_maps(), hidden)
 

@@ -177,11 +177,14 @@ class RatioNormalizer(nn.Module):
         r_clip: tuple[float, float] = (0.1, 20.0),
         ema: float = 0.0,
         binning: str = "log-sigma",
+        bins: nn.Module | None = None,
     ):
         super().__init__()
         if not 0 <= ema < 1:
             raise ValueError(f"ratio EMA must be in [0, 1), got {ema}")
-        self.bins = SigmaBins(sigma_min, sigma_max, num_bins, binning)
+        # ``bins``: any sigma -> bin index module with ``num_bins`` (e.g. timestep bins of a
+        # discrete-time teacher); default the sigma bins of ``binning``
+        self.bins = bins if bins is not None else SigmaBins(sigma_min, sigma_max, num_bins, binning)
         nb = self.bins.num_bins
         self.register_buffer("bin_mean", torch.ones(nb))
         self.register_buffer("bin_seen", torch.zeros(nb, dtype=torch.bool))

@@ -30,13 +30,16 @@ def option(
     metavar: str | None = None,
     resumable: bool = False,
     cli: bool = True,
+    legacy: Any = _MISSING,
 ) -> Any:
     """A dataclass field with command-line metadata.
 
     ``flag``: the option's name (default ``--field-name``); ``negate``: for a boolean whose
     flag turns it off (e.g. ``--no-progress`` for ``progress``); ``choices`` / ``parse`` /
     ``metavar``: how a value is read; ``resumable``: ``--resume`` may change it (it does not
-    change what is trained); ``cli``: whether the command line offers it at all.
+    change what is trained); ``cli``: whether the command line offers it at all; ``legacy``:
+    for an option added after runs were saved, the value those runs behaved as (a strict
+    resume of such a run compares against it).
     """
     meta = {
         "help": help,
@@ -48,6 +51,8 @@ def option(
         "resumable": resumable,
         "cli": cli,
     }
+    if legacy is not _MISSING:
+        meta["legacy"] = legacy
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -90,6 +95,11 @@ def leaves(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
 def resumable_paths(cls: type) -> tuple[str, ...]:
     """The dotted paths of the options a resumed run of ``cls`` may change."""
     return tuple(leaf.key for leaf in leaves(cls) if leaf.meta.get("resumable"))
+
+
+def legacy_values(cls: type) -> dict[str, Any]:
+    """Dotted key -> the value runs saved before the option existed behaved as."""
+    return {leaf.key: leaf.meta["legacy"] for leaf in leaves(cls) if "legacy" in leaf.meta}
 
 
 def get_path(cfg: Any, path: Sequence[str]) -> Any:

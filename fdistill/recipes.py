@@ -50,8 +50,8 @@ from fdistill.generator import (
     validate_student_sigmas,
 )
 from fdistill.methods import Denoising, FDistill, Inputs
-from fdistill.methods.fdistill import ConstantLogit, DistributionMatchingOnly
-from fdistill.options import resumable_paths
+from fdistill.methods.fdistill import ConstantLogit, DistributionMatchingOnly, resolved_levels
+from fdistill.options import legacy_values, resumable_paths
 from fdistill.samplers import sample_with_nfe
 from fdistill.sampling import grid_writer
 from fdistill.sources import RealSource, image_sampler, image_source, load_data, text_source
@@ -219,6 +219,7 @@ def build_distill(cfg: DistillConfig, teacher: nn.Module, discriminator: bool = 
         divergence=get_divergence(cfg.divergence, **params),
         cfg=loss_cfg,
     )
+    parts["schedule"] = info.schedule  # a discrete-time teacher's: its noise levels and bins
     if not discriminator:
         model = DistributionMatchingOnly(**(parts | {"head": ConstantLogit()}))
     else:
@@ -253,13 +254,23 @@ def distill_run(
         conditioning = of_teacher(teacher, prompts)
         if cfg.loss.guidance != 1.0 and conditioning.kind == "none":
             raise ValueError("--guidance needs a class-conditional or text-conditioned teacher")
+        # "auto" noise levels and ratio bins follow the teacher (recorded resolved, so a
+        # resume compares what was trained)
+        levels, binning = resolved_levels(cfg.loss, teacher.info.schedule is not None)
+        cfg = replace(cfg, loss=replace(cfg.loss, noise_levels=levels, ratio_binning=binning))
         source = _source(cfg, teacher, prompts, ddp.device)
         if not source.discriminator:
             cfg = replace(cfg, loss=replace(cfg.loss, gan_weight=0.0, r1_gamma=0.0))
         options = runs.resume_options(asdict(cfg), **source.digests)
         hold.enter_context(runs.claim(out, ddp.main))
         options = runs.begin(
-            out, resume, start_fresh, options, ddp.main, resumable_paths(type(cfg))
+            out,
+            resume,
+            start_fresh,
+            options,
+            ddp.main,
+            resumable_paths(type(cfg)),
+            legacy_values(type(cfg)),
         )
         cfg = with_resumable(cfg, options)
         if ddp.main:

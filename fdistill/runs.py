@@ -184,10 +184,18 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def option_differences(saved: Mapping, now: Mapping, resumable: Iterable[str] = ()) -> list[str]:
+def option_differences(
+    saved: Mapping,
+    now: Mapping,
+    resumable: Iterable[str] = (),
+    legacy: Mapping[str, object] | None = None,
+) -> list[str]:
     """``key: saved -> now`` for every option that differs and may not change on resume
-    (``resumable``: the dotted keys that may, :func:`fdistill.options.resumable_paths`)."""
-    a, b = _flatten(as_json(saved)), _flatten(as_json(now))
+    (``resumable``: the dotted keys that may, :func:`fdistill.options.resumable_paths`;
+    ``legacy``: dotted key -> the value of an option a run saved before it existed behaved as,
+    :func:`fdistill.options.legacy_values`)."""
+    a = _flatten(as_json(dict(legacy or {}))) | _flatten(as_json(saved))
+    b = _flatten(as_json(now))
     free = set(resumable)
     out = []
     for k in sorted(set(a) | set(b)):
@@ -223,10 +231,14 @@ def prepare_out(out: str | Path, resume: bool, start_fresh: bool = False) -> dic
 
 
 def check_resume(
-    saved_options: Mapping, now_options: Mapping, out: str | Path, resumable: Iterable[str] = ()
+    saved_options: Mapping,
+    now_options: Mapping,
+    out: str | Path,
+    resumable: Iterable[str] = (),
+    legacy: Mapping[str, object] | None = None,
 ) -> None:
     """Stop with one line listing each option that differs from the saved run's."""
-    diffs = option_differences(saved_options, now_options, resumable)
+    diffs = option_differences(saved_options, now_options, resumable, legacy)
     if diffs:
         raise ValueError(
             f"--resume: {out} was trained with other options; repeat them or choose another "
@@ -275,6 +287,7 @@ def begin(
     options: dict,
     main: bool,
     resumable: Iterable[str] = (),
+    legacy: Mapping[str, object] | None = None,
 ) -> dict:
     """Check ``out`` before a run (fresh, or a strict resume: every saved option must equal
     ``options`` but the ``resumable`` ones) and return the options the run will use.
@@ -289,7 +302,7 @@ def begin(
             f"--resume: {out} was written by an older fdistill that did not record its options "
             "for a strict resume; start a new run in another --out"
         )
-    check_resume(saved["resume_options"], options, out, resumable)
+    check_resume(saved["resume_options"], options, out, resumable, legacy)
     return merge_resumable(saved["resume_options"], options, resumable)
 
 

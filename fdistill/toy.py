@@ -53,6 +53,7 @@ class ToyConfig:
             ratio_binning="log-sigma",
             fake_weighting="edm",
             disc_features="fake",
+            real_sigma="same",
         )
     )
     train: TrainConfig = field(

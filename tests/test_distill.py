@@ -45,6 +45,7 @@ def _model(
         return EDMPrecond(net)
 
     teacher, fake = unet(), unet()
+    loss = {"real_sigma": "same"} | loss  # the references below draw one level per pair
     cfg = LossConfig(gan_weight=gan_weight, r1_gamma=r1_gamma, disc_features=disc_features, **loss)
     return FDistill(
         teacher=teacher,
@@ -82,21 +83,27 @@ def _reference_critic_loss(m: FDistill, z, cond, x_real, cond_real, gen) -> torc
     with torch.no_grad():
         x_fake = m.generator(z, cond)
     sigma = m.sample_sigma(x_fake.shape[0], gen)
-    s = sigma.view(-1, 1, 1, 1)
+    # the official code draws the real batch's levels on their own
+    sigma_r = m.sample_sigma(x_real.shape[0], gen) if m.cfg.real_sigma == "independent" else sigma
+    s, sr = sigma.view(-1, 1, 1, 1), sigma_r.view(-1, 1, 1, 1)
     xf_t = x_fake + s * torch.randn(x_fake.shape, generator=gen)
-    xr_t = (x_real + s * torch.randn(x_real.shape, generator=gen)).requires_grad_(True)
+    xr_t = (x_real + sr * torch.randn(x_real.shape, generator=gen)).requires_grad_(True)
     d_fake, f_fake = m.fake_score(xf_t, sigma, cond, return_features=True)
     err = (d_fake - x_fake).pow(2).flatten(1).mean(1)
     if m.cfg.fake_weighting == "edm":
         err = err * (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     feats = m.fake_score if m.cfg.disc_features == "fake" else m.teacher
-    _, f_real = feats(xr_t, sigma, cond_real, return_features=True)
+    _, f_real = feats(xr_t, sigma_r, cond_real, return_features=True)
     if m.cfg.disc_features == "teacher":
         _, f_fake = m.teacher(xf_t, sigma, cond, return_features=True)
     logit_real = m.head(f_real)
     loss = err + discriminator_loss(logit_real, m.head(f_fake))
-    if m.cfg.r1_gamma > 0:
+    if m.cfg.r1_gamma > 0 and m.cfg.r1 == "exact":
         loss = loss + 0.5 * m.cfg.r1_gamma * r1_penalty(logit_real, xr_t)
+    if m.cfg.r1_gamma > 0 and m.cfg.r1 == "approx":  # FastGen: mse(logit(x), logit(x + 0.1 eps))
+        x_pert = xr_t + 0.1 * torch.randn(xr_t.shape, generator=gen)
+        logit_pert = m.head(feats(x_pert, sigma_r, cond_real, return_features=True)[1])
+        loss = loss + m.cfg.r1_gamma * (logit_real - logit_pert).pow(2)
     return loss.mean()
 
 
@@ -134,17 +141,21 @@ def test_generator_loss_matches_reference(features, gan_weight, taps):
 
 
 @pytest.mark.parametrize(
-    ("features", "r1_gamma", "fake_weighting", "taps"),
+    ("features", "r1_gamma", "fake_weighting", "taps", "extra"),
     [
-        ("fake", 0.0, "edm", None),
-        ("fake", 0.3, "none", None),
-        ("teacher", 0.0, "none", None),
-        ("teacher", 0.3, "edm", None),
-        ("teacher", 0.3, "edm", ["enc8", "mid"]),
+        ("fake", 0.0, "edm", None, {}),
+        ("fake", 0.3, "none", None, {}),
+        ("teacher", 0.0, "none", None, {}),
+        ("teacher", 0.3, "edm", None, {}),
+        ("teacher", 0.3, "edm", ["enc8", "mid"], {}),
+        ("teacher", 0.0, "none", None, {"real_sigma": "independent"}),
+        ("fake", 0.3, "none", None, {"real_sigma": "independent", "r1": "approx"}),
+        ("teacher", 0.3, "none", None, {"r1": "approx"}),
+        ("teacher", 0.3, "none", None, {"r1": "off"}),
     ],
 )
-def test_critic_loss_matches_reference(features, r1_gamma, fake_weighting, taps):
-    m = _model(features, 0.5, r1_gamma, taps=taps, fake_weighting=fake_weighting)
+def test_critic_loss_matches_reference(features, r1_gamma, fake_weighting, taps, extra):
+    m = _model(features, 0.5, r1_gamma, taps=taps, fake_weighting=fake_weighting, **extra)
     ref = copy.deepcopy(m)
     z, cond, x_real, cond_real = _inputs()
     loss, _ = m.critic_loss(z, cond, x_real, cond_real, torch.Generator().manual_seed(9))

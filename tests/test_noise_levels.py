@@ -68,6 +68,7 @@ def _tiny_fdistill(**loss):
     def unet():
         return EDMPrecond(UNet(8, 1, model_channels=4, channel_mult=(1,), num_classes=0))
 
+    schedule = loss.pop("schedule", None)
     teacher = unet()
     cfg = LossConfig(**loss)
     return FDistill(
@@ -77,6 +78,7 @@ def _tiny_fdistill(**loss):
         head=MultiScaleHead.for_network(teacher, hidden=4),
         divergence=get_divergence("js"),
         cfg=cfg,
+        schedule=schedule,
     )
 
 
@@ -239,3 +241,26 @@ def test_noise_levels_for_follows_the_time_parameterisation():
     assert isinstance(d, DiscreteTimeLevels) and (d.t_min, d.t_max) == DMD2_T_RANGE
     e = noise_levels_for(None, sigma_min=0.01, sigma_max=10.0, num_sigmas=50)
     assert float(e.sigma_grid[0]) < 10.0 and len(e.sigma_grid) == 48
+
+
+# --------------------------------------------------------------------------- the method uses them
+def test_fdistill_takes_the_teachers_time_variable():
+    """With a discrete-time teacher's schedule, f-distill's noise levels are uniform timesteps
+    over --t-range (the draws of DiscreteTimeLevels, number for number) and its ratio bins are
+    linear in the timestep; an EDM teacher keeps the Karras grid and sigma bins; asking an EDM
+    teacher for timesteps is one line."""
+    sched = DiscreteSchedule(SD15)
+    m = _tiny_fdistill(schedule=sched, t_range=(20, 980), sigma_min=sched.sigma_min,
+                       sigma_max=sched.sigma_max)  # fmt: skip
+    ref = DiscreteTimeLevels(sched.alphas_cumprod, 20, 980)
+    got = m.sample_sigma(64, torch.Generator().manual_seed(3))
+    want = ref.sample(64, torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+    t = m.levels.timestep_of_sigma(got.double())
+    assert t.min() >= 20 - 1e-6 and t.max() <= 980 + 1e-6
+    assert isinstance(m.sigma_bins, TimestepBins)
+    assert m.weights.normalizer.bins is m.sigma_bins
+    edm = _tiny_fdistill()
+    assert isinstance(edm.levels, KarrasGridLevels) and edm.sigma_bins.binning == "linear-sigma"
+    with pytest.raises(ValueError, match="discrete-time teacher"):
+        _tiny_fdistill(noise_levels="timestep")

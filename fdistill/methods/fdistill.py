@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from fdistill import rng
 from fdistill.critic import MultiScaleHead, feature_taps_of
 from fdistill.denoisers.base import sigma_view
-from fdistill.denoisers.edm import karras_sigmas
 from fdistill.divergences import Divergence
 from fdistill.generator import Student
 from fdistill.loss import (
@@ -26,16 +25,35 @@ from fdistill.loss import (
     FDistillWeights,
     RatioNormalizer,
     SigmaBins,
+    approx_r1_penalty,
     discriminator_loss,
     distribution_matching_loss,
     gan_generator_loss,
     r1_penalty,
 )
 from fdistill.methods.base import Inputs, Method, Optimizer, Phase, Plan, Streams
+from fdistill.noise_levels import (
+    OFFICIAL_T_RANGE,
+    DiscreteTimeLevels,
+    KarrasGridLevels,
+    TimestepBins,
+)
 from fdistill.options import option
 from fdistill.samplers import guide
 
 FEATURE_SOURCES = ("fake", "teacher")
+NOISE_LEVELS = ("auto", "karras", "timestep")
+R1_FORMS = ("exact", "approx", "off")
+
+
+def _two_ints(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected two integers T_MIN,T_MAX, got {text!r}") from None
+    return a, b
+
+
 FAKE_WEIGHTINGS = ("edm", "none")
 
 
@@ -59,6 +77,14 @@ class LossConfig:
     num_sigmas: int = option(1000, help="points of the Karras noise-level grid", cli=False)
     gan_weight: float = option(1e-3, help="weight of the GAN term of the generator loss")
     r1_gamma: float = option(0.0, help="R1 penalty weight (0: off)")
+    r1: str = option(
+        "exact",
+        help="R1 form when --r1-gamma > 0: the exact gradient penalty 0.5*gamma*|grad logit|^2 "
+        "(a double backward), the official approximation gamma*mean((logit(x) - "
+        "logit(x + 0.1 eps))^2), or off",
+        choices=R1_FORMS,
+        legacy="exact",
+    )
     logit_clip: float = option(10.0, help="clip of the discriminator logit (log r)")
     r_clip: tuple[float, float] = option(
         (0.1, 20.0), help="clip of the density ratio r before normalisation", cli=False
@@ -66,9 +92,33 @@ class LossConfig:
     normalize: bool = option(True, help="no two-stage normalisation", negate="--no-normalize")
     ratio_bins: int = option(10, help="noise-level bins of the ratio normalisation")
     ratio_binning: str = option(
-        "linear-sigma",
-        help="noise-level bins of the ratio normalisation (official: linear-sigma)",
-        choices=tuple(RATIO_BINNINGS),
+        "auto",
+        help="variable of the ratio normalisation's bins (auto, the official code: linear in "
+        "the timestep for a discrete-time teacher, in sigma for an EDM teacher)",
+        choices=("auto", *RATIO_BINNINGS, "linear-timestep"),
+    )
+    noise_levels: str = option(
+        "auto",
+        help="noise levels of every loss (auto, the official code: uniform timesteps over "
+        "--t-range for a discrete-time teacher, a uniform index into the Karras grid for an "
+        "EDM teacher)",
+        choices=NOISE_LEVELS,
+        legacy="karras",
+    )
+    t_range: tuple[int, int] = option(
+        OFFICIAL_T_RANGE,
+        help="timesteps a discrete-time teacher's noise levels are drawn from (official SD "
+        "f-distill: 1,999; DMD2: 20,980)",
+        parse=_two_ints,
+        metavar="T_MIN,T_MAX",
+        legacy=OFFICIAL_T_RANGE,
+    )
+    real_sigma: str = option(
+        "independent",
+        help="noise levels of the discriminator's real batch: their own draw (independent, "
+        "the official code) or the fake batch's (same)",
+        choices=("independent", "same"),
+        legacy="same",
     )
     ratio_ema: float = option(0.0, help="EMA of the ratio normaliser's bin means (0: none)")
     weighting: str = option(
@@ -93,7 +143,10 @@ class LossConfig:
         choices = {
             "disc_features": FEATURE_SOURCES,
             "fake_weighting": FAKE_WEIGHTINGS,
-            "ratio_binning": tuple(RATIO_BINNINGS),
+            "ratio_binning": ("auto", *RATIO_BINNINGS, "linear-timestep"),
+            "noise_levels": NOISE_LEVELS,
+            "r1": R1_FORMS,
+            "real_sigma": ("independent", "same"),
             "weighting": ("dmd", "score"),
         }
         for name, ok in choices.items():
@@ -106,6 +159,24 @@ class LossConfig:
             raise ValueError(
                 f"loss option ratio_bins must be an integer >= 1, got {self.ratio_bins}"
             )
+
+
+def resolved_levels(cfg: LossConfig, discrete: bool) -> tuple[str, str]:
+    """``(noise_levels, ratio_binning)`` with "auto" resolved for a teacher's time
+    parameterisation (``discrete``: a DDPM-style schedule), as the official code does; one line
+    for a choice the teacher cannot take."""
+    levels = (
+        cfg.noise_levels if cfg.noise_levels != "auto" else ("timestep" if discrete else "karras")
+    )
+    binning = cfg.ratio_binning
+    if binning == "auto":
+        binning = "linear-timestep" if discrete else "linear-sigma"
+    if not discrete and "timestep" in (levels, binning.split("-")[-1]):
+        raise ValueError(
+            "--noise-levels timestep and --ratio-binning linear-timestep need a discrete-time "
+            "teacher (a diffusers DDPM or Stable Diffusion schedule)"
+        )
+    return levels, binning
 
 
 @contextlib.contextmanager
@@ -149,6 +220,7 @@ class FDistill(Method):
         head: nn.Module,
         divergence: Divergence,
         cfg: LossConfig,
+        schedule: object | None = None,
     ):
         super().__init__()
         cfg.validate()
@@ -170,17 +242,25 @@ class FDistill(Method):
                     f"{cfg.disc_features} network's selected feature taps are "
                     f"{[m.name for m in maps]}: build it with MultiScaleHead.for_network"
                 )
+        # The time parameterisation decides the noise levels and the ratio bins ("auto"):
+        # ``schedule`` (a discrete-time teacher's, with ``alphas_cumprod``) or EDM sigmas.
+        levels, binning = resolved_levels(cfg, schedule is not None)
+        if levels == "timestep":
+            self.levels = DiscreteTimeLevels.from_schedule(schedule, *cfg.t_range)
+        else:
+            self.levels = KarrasGridLevels(cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.num_sigmas)
         bins = (cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins)
+        if binning == "linear-timestep":
+            self.sigma_bins = TimestepBins(schedule.alphas_cumprod, cfg.ratio_bins)
+        else:
+            self.sigma_bins = SigmaBins(*bins, binning)
         normalizer = (
-            RatioNormalizer(*bins, cfg.r_clip, cfg.ratio_ema, cfg.ratio_binning)
+            RatioNormalizer(*bins, cfg.r_clip, cfg.ratio_ema, bins=self.sigma_bins)
             if cfg.normalize
             else None
         )
+        # The normaliser's bins also break the discriminator's statistics down.
         self.weights = FDistillWeights(divergence, cfg.logit_clip, normalizer)
-        # The normaliser's bins, also used to break the discriminator's statistics down.
-        self.sigma_bins = SigmaBins(*bins, cfg.ratio_binning)
-        grid = karras_sigmas(cfg.num_sigmas, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-        self.register_buffer("sigma_grid", grid[1:-1].float(), persistent=False)
 
     kind = "distill"
     trained = ("generator", "fake_score", "head")
@@ -251,10 +331,9 @@ class FDistill(Method):
         return self.generator(z, cond, generator, train=True, x_real=x_student).x0
 
     def sample_sigma(self, n: int, generator: rng.RandomSource = None) -> Tensor:
-        """Noise levels: a uniform index into the Karras grid, extremes excluded."""
-        device = generator.device if generator is not None else self.sigma_grid.device
-        idx = rng.randint(len(self.sigma_grid), (n,), generator, device=device)
-        return self.sigma_grid[idx.to(self.sigma_grid.device)]
+        """Noise levels of ``n`` samples (:mod:`fdistill.noise_levels`): a uniform index into
+        the Karras grid, extremes excluded, or uniform timesteps of a discrete-time teacher."""
+        return self.levels.sample(n, generator)
 
     def _teacher(self, x_t: Tensor, sigma: Tensor, cond: Tensor | None, features: bool):
         """Teacher denoiser with optional classifier-free guidance, features from the cond pass."""
@@ -300,27 +379,36 @@ class FDistill(Method):
             x_fake = self.student_sample(z, cond, generator, x_student)
         n = x_fake.shape[0]
         sigma = self.sample_sigma(n, generator).to(x_fake.dtype)
+        sigma_r = sigma
+        if self.cfg.real_sigma == "independent":  # the official code: their own draw
+            sigma_r = self.sample_sigma(n, generator).to(x_real.dtype)
         xf_t = self._noise(x_fake, sigma, generator)
-        xr_t = self._noise(x_real, sigma, generator)
+        xr_t = self._noise(x_real, sigma_r, generator)
         use_fake = self.cfg.disc_features == "fake"
         out = self.fake_score(xf_t, sigma, cond, return_features=use_fake)
         d_fake, feats_fake = out if use_fake else (out, None)
         err = (d_fake - x_fake).float().pow(2).reshape(n, -1).mean(1)
         dsm = self.fake_score_weight(sigma.float()) * err
 
-        need_r1 = self.cfg.r1_gamma > 0
+        r1_form = self.cfg.r1 if self.cfg.r1_gamma > 0 else "off"
+        need_r1 = r1_form == "exact"
         if need_r1:
             xr_t = xr_t.detach().requires_grad_(True)
+
         # Real samples (and, with teacher features, fake ones) only need features: "only"
         # stops each network after its deepest tap instead of running the decoder for nothing.
-        if use_fake:
-            feats_real = self.fake_score(xr_t, sigma, cond_real, return_features="only")
-        else:
+        def real_logit(x: Tensor, s: Tensor, c: Tensor | None) -> Tensor:
+            if use_fake:
+                return self.head(self.fake_score(x, s, c, return_features="only"))
             with torch.set_grad_enabled(need_r1):
-                feats_real = self.teacher(xr_t, sigma, cond_real, return_features="only")
+                feats = self.teacher(x, s, c, return_features="only")
+            return self.head(feats)
+
+        logit_real = real_logit(xr_t, sigma_r, cond_real)
+        if not use_fake:
             with torch.no_grad():
                 feats_fake = self.teacher(xf_t, sigma, cond, return_features="only")
-        logit_real, logit_fake = self.head(feats_real), self.head(feats_fake)
+        logit_fake = self.head(feats_fake)
         disc = discriminator_loss(logit_real, logit_fake)
         loss = dsm + disc
         lr, lf = logit_real.detach(), logit_fake.detach()
@@ -328,6 +416,10 @@ class FDistill(Method):
         if need_r1:
             r1 = r1_penalty(logit_real, xr_t)
             loss = loss + 0.5 * self.cfg.r1_gamma * r1
+            values["r1"] = r1.mean()
+        elif r1_form == "approx":  # the official form: gamma * mse(logit(x), logit(x + 0.1 eps))
+            r1 = approx_r1_penalty(real_logit, xr_t, sigma_r, cond_real, generator, 0.1, logit_real)
+            loss = loss + self.cfg.r1_gamma * r1
             values["r1"] = r1.mean()
         values |= {"logit_real": lr.mean(), "logit_fake": lf.mean()}
         values["disc_gap"] = values["logit_real"] - values["logit_fake"]

@@ -100,6 +100,7 @@ def _attach_info(model: DiffusersUNetDenoiser) -> DiffusersUNetDenoiser:
         sigma_max=s.sigma_max,
         sigma_data=0.5,
         details=unet_details(model.unet, s, model.prediction_type),
+        schedule=s,
     )
     return model
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,9 @@ class TeacherInfo:
     sigma_max: float
     sigma_data: float = 0.5
     details: dict = field(default_factory=dict)  # architecture, preconditioning, ... (inspect)
+    # A discrete-time teacher's schedule (``alphas_cumprod``, ``sigmas``, ``timestep``); None
+    # for a continuous-sigma (EDM) teacher. Decides the noise-level sampler and ratio bins.
+    schedule: Any = None
 
 
 @dataclass

@@ -295,6 +295,7 @@ def load_sd_teacher(
         num_classes=0,
         sigma_min=s.sigma_min,
         sigma_max=s.sigma_max,
+        schedule=s,
         # SD's scaling_factor makes latents about unit variance.
         sigma_data=1.0,
         details={**unet_details(unet, s, pred), "conditioning": "text"},
