@@ -84,3 +84,25 @@ def test_resume_refuses_another_teacher(tmp_path, capsys):
     args = ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--resume"]
     assert main([*args, "--steps", "2", "--no-progress", "--device", "cpu"]) == 2
     assert "; teacher: " in capsys.readouterr().err.replace("(", "; ")
+
+
+def test_a_run_saved_before_newer_options_resumes(tmp_path, capsys):
+    """A run folder whose saved options lack the options added since (student levels, real
+    noise levels, R1 form, noise-level sampler) resumes: each missing option compares as the
+    value such runs behaved as; a command asking for another value is refused in one line."""
+    _teacher(tmp_path / "t", 2)
+    out = tmp_path / "s"
+    _distill(tmp_path / "t", out, 1)
+    ck = load_checkpoint(out)
+    for key in ("student_steps", "student_sigmas", "student_inputs"):
+        del ck["config"]["resume_options"][key]
+    for key in ("real_sigma", "r1", "noise_levels", "t_range"):
+        del ck["config"]["resume_options"]["loss"][key]
+    torch.save(ck, out / "checkpoint.pt")
+    _distill(tmp_path / "t", out, 2, "--resume")
+    assert load_checkpoint(out)["step"] == 2
+    args = ["distill", "--teacher", str(tmp_path / "t"), "--out", str(out), "--steps", "3"]
+    args += ["--batch", "8", "--critic-ratio", "2", "--no-progress", "--seed", "5"]
+    assert main([*args, "--device", "cpu", "--resume", "--real-sigma", "independent"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.real_sigma: 'same' -> 'independent'" in err
