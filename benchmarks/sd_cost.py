@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ from fdistill.critic import MultiScaleHead
 from fdistill.distill import FDistill, LossConfig
 from fdistill.divergences import get_divergence
 from fdistill.generator import OneStepGenerator
-from fdistill.pipeline import PRESETS, DistillConfig
+from fdistill.pipeline import PRESETS, DistillConfig, apply_preset
 from fdistill.teachers.registry import TeacherInfo
 
 SD15_UNET = dict(
@@ -116,11 +117,9 @@ def sd_teacher(unet_config: dict, device: str | torch.device = "cpu", seed: int 
 
 def loss_config(teacher) -> LossConfig:
     """The ``t2i`` preset's loss settings for ``teacher``'s noise range."""
-    p = PRESETS["t2i"]
-    keys = ("gan_weight", "r1_gamma", "guidance", "ratio_binning", "ratio_bins", "ratio_ema")
-    return LossConfig(
-        **{k: p[k] for k in keys},
-        fake_weighting=p["fake_weighting"],
+    loss = apply_preset(DistillConfig(), "t2i").loss
+    return replace(
+        loss,
         disc_features="teacher",
         sigma_min=teacher.info.sigma_min,
         sigma_max=teacher.info.sigma_max,
@@ -136,7 +135,15 @@ def distill_model(teacher, generator, fake):
         net.set_feature_taps(PRESETS["t2i"]["disc_taps"])
     teacher.unet.set_attn_processor(r1_attention_processor())
     head = MultiScaleHead(teacher.selected_feature_maps(), hidden=DistillConfig().head_hidden)
-    return FDistill(teacher, generator, fake, head, get_divergence("js"), loss_config(teacher))
+    return FDistill(
+        teacher,
+        generator,
+        fake,
+        head,
+        get_divergence("js"),
+        loss_config(teacher),
+        schedule=teacher.info.schedule,
+    )
 
 
 # --------------------------------------------------------------------------- memory

@@ -20,6 +20,14 @@ from fdistill.data.loading import IMAGE_EXTENSIONS, decode_image
 from fdistill.evaluation import parse_metrics
 from fdistill.metrics.fid import StatsAccumulator, frechet_distance_from_stats
 from fdistill.metrics.inception import InceptionFeatures, find_inception
+from fdistill.metrics.protocol import (
+    CAPTION_SEED,
+    DEFAULT_N,
+    PROTOCOLS,
+    DMD2Metrics,
+    draw_captions,
+    write_drawn_captions,
+)
 from fdistill.models import is_t2i, load_run
 from fdistill.samplers import DEFAULT_TEACHER_NFE
 from fdistill.sampling import iter_images, sample_seeds
@@ -80,8 +88,14 @@ def evaluate_t2i(
     guidance: float = 1.0,
     batch: int = 16,
     device: str = "cpu",
+    protocol: str = "fdistill",
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """CLIP score and zero-shot FID of a text-to-image model or of captioned images.
+
+    ``protocol``: ``"fdistill"`` (below: the first ``n`` captions, images at their native
+    size, the detector's own resize, no prompt prefix) or ``"dmd2"`` (the field's zero-shot
+    COCO protocol, :func:`evaluate_t2i_dmd2`; ``out_dir`` gets the drawn caption list).
 
     ``source``: a t2i run, export or pipeline folder (one image per caption of ``captions``,
     the first ``n``, seeds of ``seed``), or a folder with ``captions.jsonl`` (e.g. written by
@@ -92,9 +106,27 @@ def evaluate_t2i(
     :func:`fdistill.metrics.inception.find_inception` finds) or a features module with
     ``num_features``.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     names = parse_t2i_metrics(metrics, clip is not None, ref is not None)
     if n is not None and n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if protocol == "dmd2":
+        return evaluate_t2i_dmd2(
+            source,
+            captions=captions,
+            ref=ref,
+            metrics=names,
+            clip=clip,
+            inception=inception,
+            n=n,
+            seed=seed,
+            nfe=nfe,
+            guidance=guidance,
+            batch=batch,
+            device=device,
+            out_dir=out_dir,
+        )
     src = Path(source)
     notes: list[str] = []
     run = None
@@ -133,13 +165,7 @@ def evaluate_t2i(
 
         scorer = CLIPScorer(clip, device=device)
     if "fid" in names:
-        if isinstance(inception, nn.Module):
-            detector = inception
-        else:
-            try:
-                detector = InceptionFeatures(find_inception(inception)).to(device)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"--inception: {e}") from e
+        detector = _detector_for(inception, device)
         acc = StatsAccumulator(detector.num_features)
     cosines: list[Tensor] = []
     done, size, seconds, t0 = 0, None, 0.0, time.perf_counter()
@@ -178,6 +204,7 @@ def evaluate_t2i(
             if kind == "teacher"
             else (1 if run is not None else None),
         },
+        "protocol": "fdistill",
         "n": done,
         "seed": seed,
         "captions": str(captions) if captions is not None else str(src / CAPTIONS_JSONL),
@@ -191,6 +218,93 @@ def evaluate_t2i(
     }
 
 
+def _detector_for(inception: str | Path | nn.Module | None, device: str) -> nn.Module:
+    if isinstance(inception, nn.Module):
+        return inception
+    try:
+        return InceptionFeatures(find_inception(inception)).to(device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--inception: {e}") from e
+
+
+def evaluate_t2i_dmd2(
+    source: str | Path,
+    *,
+    captions: str | Path | None,
+    ref: str | Path | None,
+    metrics: Sequence[str],
+    clip: str | Path | None,
+    inception: str | Path | nn.Module | None,
+    n: int | None,
+    seed: int,
+    nfe: int | None,
+    guidance: float,
+    batch: int,
+    device: str,
+    out_dir: str | Path | None,
+) -> dict[str, Any]:
+    """DMD2's zero-shot COCO protocol (:mod:`fdistill.metrics.protocol`): ``n`` captions (30k by
+    default) drawn from ``captions`` with a fixed seed (the list is written to ``out_dir``),
+    one image per caption from ``source`` (a text-to-image run, export or pipeline), generated
+    and reference images centre-cropped and Lanczos-resized to 256, FID with clean-fid's
+    resize to 299 and the Inception weights, CLIP score with the prefix "A photo depicts "."""
+    if captions is None:
+        raise ValueError("--captions is needed: a COCO captions json or a text file to draw from")
+    run = load_run(source, device)
+    if not is_t2i(run):
+        raise ValueError(f"--ckpt {source} is not a text-to-image run, export or pipeline")
+    drawn = draw_captions(captions, n or DEFAULT_N, CAPTION_SEED)
+    notes = []
+    if n is not None and len(drawn) < n:
+        notes.append(f"only {len(drawn)} captions: evaluated {len(drawn)} images")
+    drawn_path = write_drawn_captions(drawn, out_dir) if out_dir is not None else None
+    scorer = None
+    if "clip" in metrics:
+        from fdistill.metrics.clip import CLIPScorer
+
+        scorer = CLIPScorer(clip, device=device)
+    detector = _detector_for(inception, device) if "fid" in metrics else None
+    m = DMD2Metrics(detector, scorer)
+    caps, seeds = list(drawn.captions), sample_seeds(seed, len(drawn))
+    done, seconds, t0 = 0, 0.0, time.perf_counter()
+    kw = dict(nfe=nfe, guidance=guidance, batch=batch, device=device)
+    for images in iter_images(run, caps, seeds, **kw):
+        seconds += time.perf_counter() - t0
+        m.update(images, caps[done : done + len(images)])
+        done += len(images)
+        t0 = time.perf_counter()
+    num_ref = None
+    if detector is not None:
+        root, files = _reference_images(ref)
+        num_ref = m.update_reference_files([root / f for f in files], batch)
+    kind = "student" if run.kind == "distill" else "teacher"
+    student_steps = run.model.steps if run.kind == "distill" else None
+    return {
+        "protocol": "dmd2",
+        "protocol_settings": m.describe() | {"caption_seed": CAPTION_SEED},
+        "source": {
+            "spec": str(source),
+            "kind": kind,
+            "step": run.step,
+            "nfe": (nfe or DEFAULT_TEACHER_NFE) if kind == "teacher" else student_steps,
+        },
+        "n": done,
+        "seed": seed,
+        "captions": str(captions),
+        "captions_drawn": drawn.describe() | {"file": str(drawn_path) if drawn_path else None},
+        "reference": str(ref) if ref is not None else None,
+        "num_reference": num_ref,
+        "clip_model": str(clip) if clip is not None else None,
+        "resolution": m.eval_res,
+        "generation": {
+            "seconds": seconds,
+            "samples_per_s": done / seconds if seconds > 0 else None,
+        },
+        "metrics": m.compute(),
+        "notes": notes,
+    }
+
+
 def format_t2i_table(res: dict[str, Any]) -> str:
     """A short plain-text table of :func:`evaluate_t2i`'s result."""
     src, m = res["source"], res["metrics"]
@@ -200,6 +314,7 @@ def format_t2i_table(res: dict[str, Any]) -> str:
             f"{src['spec']} ({src['kind']}"
             + (f" step {src['step']})" if src["step"] is not None else ")"),
         ),
+        ("protocol", res.get("protocol", "fdistill")),
         ("images", f"{res['n']} at {res['resolution']}px, seed {res['seed']}"),
         ("captions", res["captions"]),
     ]

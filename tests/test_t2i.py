@@ -458,3 +458,30 @@ def test_t2i_sampling_refuses_torchrun(sd, monkeypatch, tmp_path, capsys):
     args = ["sample", "--ckpt", str(sd), "--prompt", "a cat", "--grid", str(tmp_path / "g.png")]
     assert main(args) == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_protocol_dmd2_end_to_end(sd, files, tiny_clip, tmp_path):
+    """--protocol dmd2: captions drawn with the fixed seed and written beside the results, the
+    protocol recorded, images scored at 256 with the prefix, FID against the reference."""
+    run = tmp_path / "run"
+    _distill(sd, files, run, 1, "--grid-every", "0")
+    coco = tmp_path / "captions_val.json"
+    anns = [{"image_id": i // 2, "caption": f"caption {i}"} for i in range(10)]
+    coco.write_text(json.dumps({"annotations": anns}))
+    out = tmp_path / "res"
+    res = t2i.evaluate_t2i(
+        run, captions=coco, ref=files["data"], clip=tiny_clip, inception=ChannelMeans(),
+        n=3, batch=2, protocol="dmd2", out_dir=out,
+    )  # fmt: skip
+    assert res["protocol"] == "dmd2" and res["n"] == 3 and res["resolution"] == 256
+    drawn = [json.loads(x) for x in (out / "captions_drawn.jsonl").read_text().splitlines()]
+    assert len(drawn) == 3 and len({d["image_id"] for d in drawn}) == 3  # one per image
+    rng = np.random.default_rng(0)  # the documented draw: choice of images, then a caption
+    order = rng.choice(5, size=3, replace=False)
+    picks = [int(rng.integers(2)) for _ in order]
+    want = [f"caption {2 * i + k}" for i, k in zip(order, picks, strict=True)]
+    assert [d["caption"] for d in drawn] == want
+    m = res["metrics"]
+    assert np.isfinite(m["fid"]) and m["num_reference"] == 4 and -1 <= m["clip_score"] <= 1
+    assert res["protocol_settings"]["clip_prefix"] == "A photo depicts "

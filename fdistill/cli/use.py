@@ -174,6 +174,15 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clip", help="text-to-image: a local transformers CLIP folder (CLIP score)")
     p.add_argument("--guidance", type=float, default=1.0, help="text-to-image teacher: CFG scale")
+    p.add_argument(
+        "--protocol",
+        choices=("fdistill", "dmd2"),
+        default="fdistill",
+        help="text-to-image: fdistill (the first --n captions, native resolution) or dmd2 (the "
+        "field's zero-shot COCO protocol: 30k captions drawn with a fixed seed and written "
+        "beside --out, images centre-cropped and Lanczos-resized to 256, clean-fid's resize "
+        "to 299, CLIP score with the prefix 'A photo depicts ')",
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -198,6 +207,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     set_threads(args)
     t2i_metrics = "clip" in (args.metrics or "").split(",")
+    if args.protocol != "fdistill" and not (args.captions or args.clip or t2i_metrics):
+        raise ValueError("--protocol dmd2 applies to text-to-image evaluation (--captions)")
     if args.captions or args.clip or t2i_metrics:
         from fdistill import evaluation_text
 
@@ -216,6 +227,8 @@ def run_eval(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             batch=args.batch,
             device=args.device,
+            protocol=args.protocol,
+            out_dir=str(Path(args.out).parent) if args.out else None,
         )
         print(evaluation_text.format_t2i_table(res))
         if args.out:
