@@ -110,3 +110,17 @@ def test_results_table_smoke(tmp_path):
     rows = json.loads((work / "results.json").read_text())["rows"]
     fkl = next(r for r in rows if r["name"] == "fkl")
     assert "log_h_cv" in fkl and "log_disc_gap/bin0" in fkl
+
+
+@pytest.mark.slow
+def test_engine_overhead_smoke(tmp_path):
+    mod = _load("engine_overhead")
+    out = tmp_path / "engine_overhead.md"
+    rows = mod.main(["--quick", "--out", str(out)])
+    assert [r["workload"] for r in rows] == ["toy", "teacher"]
+    # The bare loop does the engine's updates: both end with the same weights, bit for bit.
+    assert all(r["same_weights"] for r in rows)
+    assert all(r["bare_ms"] > 0 and r["engine_ms"] > 0 for r in rows)
+    assert "| toy | 6 |" in out.read_text()
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["rows"][0]["updates_per_step"] == 6

@@ -191,7 +191,9 @@ def toy_metrics(
     real = real.to(student.device)
     hist = mode_histogram(student, teacher)
     weights = teacher.weights
-    pr = knn_precision_recall(real, student, k=k)
+    # Blocks of 512: the same distances and radii to the bit as larger blocks, several
+    # times faster for 2-D points (4096 x 4096 float64 blocks leave the caches).
+    pr = knn_precision_recall(real, student, k=k, batch=512)
     return {
         "mode_coverage": mode_coverage(hist, weights),
         "tv": tv_distance(hist, weights),
