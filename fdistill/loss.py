@@ -7,6 +7,7 @@ loop takes their mean. Gradients flow only where the method says: through the st
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -190,6 +191,7 @@ class RatioNormalizer(nn.Module):
         self.register_buffer("bin_seen", torch.zeros(nb, dtype=torch.bool))
         self.log_clip = (math.log(r_clip[0]), math.log(r_clip[1]))
         self.ema = ema
+        self._fixed: tuple[Tensor, Tensor] | None = None  # whole-batch statistics (fixed())
 
     @property
     def edges(self) -> Tensor:
@@ -200,8 +202,9 @@ class RatioNormalizer(nn.Module):
         state_dict.pop(prefix + "edges", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def normalize_logr(self, logr: Tensor, sigma: Tensor) -> Tensor:
-        """Stages 1-2: clipped log-ratio minus the log of its bin's mean ratio."""
+    def bin_means(self, logr: Tensor, sigma: Tensor) -> Tensor:
+        """The mean clipped ratio per bin over these samples of every process (stage 1),
+        blended by the EMA (updated here in training mode)."""
         logr = logr.detach().float().clamp(*self.log_clip)
         idx = self.bins(sigma)
         nb = self.bin_mean.numel()
@@ -220,13 +223,36 @@ class RatioNormalizer(nn.Module):
             if self.training:
                 self.bin_mean.copy_(mean)
                 self.bin_seen |= present
-        return logr - mean.log()[idx]
+        return mean
+
+    def normalize_logr(self, logr: Tensor, sigma: Tensor) -> Tensor:
+        """Stages 1-2: clipped log-ratio minus the log of its bin's mean ratio."""
+        mean = self.bin_means(logr, sigma) if self._fixed is None else self._fixed[0]
+        return logr.detach().float().clamp(*self.log_clip) - mean.log()[self.bins(sigma)]
+
+    def _h_mean(self, h: Tensor) -> Tensor:
+        tot = all_reduce_sum(torch.stack([h.sum(), h.new_tensor(float(h.numel()))]))
+        return (tot[0] / tot[1]).clamp_min(1e-12)
 
     def forward(self, h_fn, logr: Tensor, sigma: Tensor) -> Tensor:
         """Normalised weights: ``h(normalised r)`` divided by its (global) batch mean."""
         h = h_fn(self.normalize_logr(logr, sigma)).float()
-        tot = all_reduce_sum(torch.stack([h.sum(), h.new_tensor(float(h.numel()))]))
-        return h / (tot[0] / tot[1]).clamp_min(1e-12)
+        return h / (self._h_mean(h) if self._fixed is None else self._fixed[1])
+
+    @contextlib.contextmanager
+    def fixed(self, h_fn, logr: Tensor, sigma: Tensor):
+        """Normalise with the statistics of ``(logr, sigma)`` — every sample of a batch that is
+        processed in micro-batches — instead of each call's own: inside the block, calls give
+        exactly the weights the whole batch would get (bin means and the EMA update taken once,
+        from all the samples of every process)."""
+        mean = self.bin_means(logr, sigma)
+        self._fixed = None
+        h = h_fn(logr.detach().float().clamp(*self.log_clip) - mean.log()[self.bins(sigma)])
+        self._fixed = (mean, self._h_mean(h.float()))
+        try:
+            yield
+        finally:
+            self._fixed = None
 
 
 class FDistillWeights(nn.Module):
@@ -252,3 +278,12 @@ class FDistillWeights(nn.Module):
         if self.normalizer is None:
             return self.divergence.h(logr)
         return self.normalizer(self.divergence.h, logr, sigma)
+
+    def fixed(self, logit: Tensor, sigma: Tensor) -> contextlib.AbstractContextManager:
+        """Weights of the whole batch whose logits and levels are ``logit``, ``sigma`` for the
+        calls inside the block (:meth:`RatioNormalizer.fixed`); without a normaliser every
+        weight is per-sample already."""
+        if self.normalizer is None:
+            return contextlib.nullcontext()
+        logr = logit.detach().float().clamp(-self.logit_clip, self.logit_clip)
+        return self.normalizer.fixed(self.divergence.h, logr, sigma)

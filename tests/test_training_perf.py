@@ -28,6 +28,7 @@ from fdistill.denoisers import MLP, EDMLoss, EDMPrecond, UNet
 from fdistill.distill import FDistill, LossConfig
 from fdistill.divergences import get_divergence
 from fdistill.generator import OneStepGenerator
+from fdistill.loss import FDistillWeights
 from fdistill.training import (
     Dist,
     FiniteGuard,
@@ -365,7 +366,7 @@ class _StubDistill(FDistill):
         torch.manual_seed(0)
         self.teacher = _Net().requires_grad_(False)
         self.generator, self.fake_score, self.head = _Net(), _Net(), _Net(out=1)
-        self.weights = nn.Module()
+        self.weights = FDistillWeights(get_divergence("rkl"))  # no normaliser
 
     def critic_parameters(self):
         return [*self.fake_score.parameters(), *self.head.parameters()]

@@ -67,10 +67,10 @@ class MicroBatches:
     ``world*k``: every draw of the update (data, latents, noise levels, noise) is the same
     number it would be without accumulation, and the streams end where they would. So the
     accumulated gradient is that of the whole batch, up to float summation order, for every
-    loss that is a mean of per-sample terms. Not exact: per-batch statistics inside a loss
-    (the ratio normaliser's bin means and the ``h`` batch mean are taken per micro-batch, over
-    all ranks), dropout masks (the global torch RNG) and plain ``torch.Generator`` streams,
-    which draw the micro-batches one after another.
+    loss that is a mean of per-sample terms, and for a loss normalised by statistics of its
+    batch that names a ``prepare`` pass (the ratio normaliser: see ``whole_batch`` in
+    :func:`train`). Not exact: dropout masks (the global torch RNG) and plain
+    ``torch.Generator`` streams, which draw the micro-batches one after another.
     """
 
     def __init__(self, gens: Generators, k: int):
@@ -250,18 +250,38 @@ def train(
     amp = bf16_supported(ddp.device) and cfg.bf16
     null = contextlib.nullcontext()
 
+    def whole_batch(phase: Phase) -> contextlib.AbstractContextManager:
+        """With micro-batches, a phase whose loss normalises over its batch (``prepare``) first
+        runs every micro-batch without gradients to gather the per-sample statistics, then
+        replays the same draws (every random stream rewound) with the loss normalised by the
+        whole batch's statistics: accumulation then changes memory, not the result."""
+        if k == 1 or phase.prepare is None:
+            return null
+        saved = {name: g.get_state() for name, g in gens.items()}
+        torch_state = torch.get_rng_state()
+        rows = []
+        with torch.no_grad():
+            for _ in micro:
+                with autocast(ddp.device, True) if amp else null:
+                    rows.append(phase.prepare(inputs, n, gens))
+        for name, g in gens.items():
+            g.set_state(saved[name])
+        torch.set_rng_state(torch_state)
+        return phase.fixed(torch.cat(rows))
+
     def accumulate(phase: Phase) -> dict[str, Stat]:
         """Forward and backward over the micro-batches of one update; merged statistics."""
         names = plan.optimizers[phase.optimizer].modules
         nets = [trained[x] for x in names]
         rest = [m for x, m in trained.items() if x not in names] if ddp_kind else []
         parts = []
-        for m in micro:
-            with share.no_sync([*rest, *(nets if m < k - 1 else [])]) if ddp_kind else null:
-                with autocast(ddp.device, True) if amp else null:
-                    loss, st = phase.loss(inputs, n, gens)
-                parts.append(st)
-                _backward(loss, st, 1 / k, guard, poison)
+        with whole_batch(phase):
+            for m in micro:
+                with share.no_sync([*rest, *(nets if m < k - 1 else [])]) if ddp_kind else null:
+                    with autocast(ddp.device, True) if amp else null:
+                        loss, st = phase.loss(inputs, n, gens)
+                    parts.append(st)
+                    _backward(loss, st, 1 / k, guard, poison)
         if ddp_kind:
             for name, net in zip(names, share.reduce(nets), strict=True):
                 if net is not trained[name]:  # wrapped by DDP after its first update

@@ -15,6 +15,7 @@ loss the method computes from a batch it draws itself (``Inputs`` + the random s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,13 +55,21 @@ class Optimizer:
 class Phase:
     """One optimiser update, ``repeat`` times per engine step: ``loss(inputs, n, streams)``
     returns the mean loss of ``n`` samples and its statistics; the gradient norm is logged as
-    ``norm_key``."""
+    ``norm_key``.
+
+    A loss that normalises over its batch (f-distill's ratio normaliser) names ``prepare``
+    (``prepare(inputs, n, streams)``: per-sample statistics ``[n, ...]`` of the same draws, no
+    gradients) and ``fixed`` (``fixed(rows)``: a context in which the loss normalises by the
+    rows of the whole batch): the engine then accumulates micro-batches exactly.
+    """
 
     name: str
     optimizer: str
     loss: LossFn
     repeat: int = 1
     norm_key: str = "grad_norm"
+    prepare: Callable[[Inputs, int, Streams], Tensor] | None = None
+    fixed: Callable[[Tensor], AbstractContextManager] | None = None
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,16 @@ class FDistill(Method):
             },
             phases=(
                 Phase("critic", "opt_c", self.critic_phase, cfg.critic_ratio, "grad_norm_critic"),
-                Phase("generator", "opt_g", self.generator_phase, 1, "grad_norm_gen"),
+                Phase(
+                    "generator",
+                    "opt_g",
+                    self.generator_phase,
+                    1,
+                    "grad_norm_gen",
+                    # the ratio normaliser's bin and batch means: of the whole batch
+                    prepare=self.generator_prepass if self.weights.normalizer else None,
+                    fixed=self.whole_batch_weights,
+                ),
             ),
             ema="generator",
             compile=("generator", "fake_score"),
@@ -304,6 +313,25 @@ class FDistill(Method):
         """One generator loss on fresh student inputs (all draws from ``streams["noise"]``)."""
         z, c, x_student = self._student_inputs(inputs, n, streams)
         return self.generator_loss(z, c, streams["noise"], x_student=x_student)
+
+    @torch.no_grad()
+    def generator_prepass(self, inputs: Inputs, n: int, streams: Streams) -> Tensor:
+        """``[n, 2]`` rows ``(logit, sigma)`` of the generator phase's samples: the same draws
+        as :meth:`generator_phase` makes and the same logits its loss weights by, without
+        gradients (for exact micro-batch accumulation with the ratio normaliser)."""
+        z, c, x_student = self._student_inputs(inputs, n, streams)
+        gen = streams["noise"]
+        x = self.student_sample(z, c, gen, x_student)
+        sigma = self.sample_sigma(x.shape[0], gen).to(x.dtype)
+        x_t = self._noise(x, sigma, gen)
+        feature_net = self.fake_score if self.cfg.disc_features == "fake" else self.teacher
+        logit = self.head(feature_net(x_t, sigma, c, return_features="only"))
+        return torch.stack([logit.float(), sigma.float()], 1)
+
+    def whole_batch_weights(self, rows: Tensor) -> contextlib.AbstractContextManager:
+        """Inside the block the weights ``h`` are normalised by the statistics of ``rows``
+        (every micro-batch's :meth:`generator_prepass`)."""
+        return self.weights.fixed(rows[:, 0].contiguous(), rows[:, 1].contiguous())
 
     def _student_inputs(self, inputs: Inputs, n: int, streams: Streams):
         """``(z, cond, x_student)``: the student's noise and conditioning, and for a K-step
