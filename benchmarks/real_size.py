@@ -9,7 +9,8 @@ critic ratio, GAN weight, R1) through :func:`fdistill.pipeline.build_distill`, a
 a small batch, the way ``benchmarks/step_cost.py`` does:
 
 * teacher step: EDM loss forward + backward + AdamW (:func:`fdistill.training.optimizer_step`);
-* critic update and generator update of :class:`fdistill.distill.FDistill`;
+* critic update and generator update of :class:`fdistill.methods.FDistill`, each one update
+  of the training engine (:meth:`fdistill.engine.Engine.update`: the code ``distill`` runs);
 * distillation update = ``(k * critic + generator) / (k + 1)`` at the preset's ratio ``k``,
   and its ratio to the teacher step;
 * peak memory of a generator update against a teacher step: what the update allocates on top
@@ -39,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ from fdistill.denoisers import EDMLoss  # noqa: E402
 from fdistill.denoisers.registry import build_denoiser  # noqa: E402
 from fdistill.denoisers.songunet import edm_preset_kwargs  # noqa: E402
 from fdistill.distill import FDistill  # noqa: E402
+from fdistill.engine import Engine  # noqa: E402
+from fdistill.methods import Inputs  # noqa: E402
 from fdistill.pipeline import PRESETS, DistillConfig, apply_preset, build_distill  # noqa: E402
 from fdistill.teachers.registry import TeacherInfo  # noqa: E402
 from fdistill.training import optimizer_step  # noqa: E402
@@ -225,26 +228,27 @@ class PresetBench:
             self.t_opt.zero_grad(set_to_none=True)
 
     def build_model(self) -> FDistill:
-        """Student, fake score and heads from the teacher, with the preset applied."""
+        """Student, fake score and heads from the teacher, with the preset applied, set up in
+        the engine (:class:`fdistill.engine.Engine`) at this batch: the updates timed are the
+        ones training runs."""
         self.teacher.eval()
         self.model = build_distill(self.cfg, self.teacher)
-        self.g_params = list(self.model.generator.parameters())
-        self.c_params = self.model.critic_parameters()
-        lr = self.cfg.train
-        self.opt_g = torch.optim.AdamW(self.g_params, lr=lr.lr_gen)
-        self.opt_c = torch.optim.AdamW(self.c_params, lr=lr.lr_critic)
+        loop = replace(self.cfg.train, batch=self.batch, batch_gpu=None, progress=False)
+        inputs = Inputs(
+            real=lambda n, gen: (self.x_real[:n], self.labels()),
+            latents=lambda n, gen: (self.latents(), self.labels()),
+        )
+        streams = {"data": self.gen, "noise": self.gen}
+        self.engine = Engine(self.model, inputs, loop, gens=streams)
         return self.model
 
     def latents(self) -> torch.Tensor:
         return torch.randn(self.shape, generator=self.gen)
 
     def critic_update(self) -> None:
-        m = self.model
-        loss, st = m.critic_loss(
-            self.latents(), self.labels(), self.x_real, self.labels(), self.gen
-        )
-        optimizer_step(self.opt_c, self.c_params, loss, st, step=1, grad_clip=GRAD_CLIP, world=1)
-        self.opt_c.zero_grad(set_to_none=True)
+        """One critic update of the engine (fake score and heads, the preset's R1)."""
+        with self.engine.running():
+            self.engine.update(self.engine.phase("critic"), 1)
 
     def critic_update_without_r1(self) -> None:
         """A critic update with the R1 penalty off (to attribute its cost)."""
@@ -256,9 +260,9 @@ class PresetBench:
             cfg.r1_gamma = gamma
 
     def generator_update(self) -> None:
-        loss, st = self.model.generator_loss(self.latents(), self.labels(), self.gen)
-        optimizer_step(self.opt_g, self.g_params, loss, st, step=1, grad_clip=GRAD_CLIP, world=1)
-        self.opt_g.zero_grad(set_to_none=True)
+        """One generator update of the engine."""
+        with self.engine.running():
+            self.engine.update(self.engine.phase("generator"), 1)
 
     def resident(self) -> dict[str, int]:
         """Weights + AdamW moments held during each kind of update."""

@@ -3,6 +3,7 @@ precision, statistics, checkpoint state)."""
 
 from fdistill.engine.config import LoopConfig, TeacherTrainConfig, TrainConfig
 from fdistill.engine.loop import (
+    Engine,
     MicroBatches,
     micro_batches,
     per_rank_batch,
@@ -37,6 +38,7 @@ from fdistill.engine.stats import (
 __all__ = [
     "BINS",
     "EMA",
+    "Engine",
     "Dist",
     "FiniteGuard",
     "Generators",

@@ -192,6 +192,150 @@ class _Bookkeeping:
             self.log.close()
 
 
+class Engine:
+    """A method set up to train: its trained modules (wrapped or sharded for the processes),
+    optimisers, EMA, random streams and NaN/Inf guard. :meth:`update` is one optimiser update
+    and :meth:`step` one engine step, exactly as :func:`train` makes them, so benchmarks time
+    the real update (``benchmarks/real_size.py``); call them inside :meth:`running`."""
+
+    def __init__(
+        self,
+        method: Method,
+        inputs: Inputs,
+        cfg: LoopConfig,
+        *,
+        ddp: Dist | None = None,
+        gens: Generators | None = None,
+    ):
+        self.method, self.inputs, self.cfg = method, inputs, cfg
+        self.ddp = ddp = ddp or Dist()
+        self.n, self.k = micro_batches(cfg, ddp.world)
+        self.gens = gens if gens is not None else make_generators(cfg.seed, ddp)
+        self.plan = plan = method.plan(cfg)
+        self.share = share = Sharing(ddp, cfg.fsdp, compile_backend(cfg, ddp.device))
+        self.ema = EMA(getattr(method, plan.ema), cfg.ema_decay)
+        originals = {name: getattr(method, name) for name in method.trained}
+        self.trained = trained = {name: share.prepare(m) for name, m in originals.items()}
+        with installed(method, trained):
+            self.params = {
+                o: method.parameters_of(spec.modules) for o, spec in plan.optimizers.items()
+            }
+        self.opts = {
+            o: make_adamw(self.params[o], spec.lr, cfg.betas, cfg.weight_decay, ddp.device)
+            for o, spec in plan.optimizers.items()
+        }
+        objects: dict[str, object] = {
+            name: share.state(originals[name], trained[name]) for name in trained
+        }
+        objects |= method.state_objects() | {"ema": ModuleState(self.ema)}
+        for o, spec in plan.optimizers.items():
+            objects[o] = share.optimizer_state([trained[m] for m in spec.modules], self.opts[o])
+        self.objects = objects
+        self.guard, self.micro = FiniteGuard(ddp.device), MicroBatches(self.gens, self.k)
+        # At tiny sizes the per-update Python work shows: nothing is done for DDP, bf16 or
+        # several processes where there are none (see benchmarks/engine_overhead.py).
+        self.ddp_kind, self.poison = share.kind == "ddp", ddp.world > 1
+        self.amp = bf16_supported(ddp.device) and cfg.bf16
+        self.null = contextlib.nullcontext()
+
+    def compile(self) -> None:
+        """``torch.compile`` what the plan allows (the frozen teacher, the trained networks
+        that are differentiated once)."""
+        plan, cfg = self.plan, self.cfg
+        compile_modules(plan.compile_frozen, self.ddp.device, cfg.compile, cfg.compile_backend)
+        for name in plan.eager:
+            self.share.eager.add(id(self.trained[name]))
+        self.share.compile([self.trained[x] for x in plan.compile if x not in plan.eager])
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """The method's trained modules replaced by their wrappers / shards for the block."""
+        return installed(self.method, self.trained)
+
+    def phase(self, name: str) -> Phase:
+        """The plan's phase called ``name``."""
+        return next(p for p in self.plan.phases if p.name == name)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.ddp.device, True) if self.amp else self.null
+
+    def _whole_batch(self, phase: Phase) -> contextlib.AbstractContextManager:
+        """With micro-batches, a phase whose loss normalises over its batch (``prepare``) first
+        runs every micro-batch without gradients to gather the per-sample statistics, then
+        replays the same draws (every random stream rewound) with the loss normalised by the
+        whole batch's statistics: accumulation then changes memory, not the result."""
+        if self.k == 1 or phase.prepare is None:
+            return self.null
+        saved = {name: g.get_state() for name, g in self.gens.items()}
+        torch_state = torch.get_rng_state()
+        rows = []
+        with torch.no_grad():
+            for _ in self.micro:
+                with self._autocast():
+                    rows.append(phase.prepare(self.inputs, self.n, self.gens))
+        for name, g in self.gens.items():
+            g.set_state(saved[name])
+        torch.set_rng_state(torch_state)
+        return phase.fixed(torch.cat(rows))
+
+    def _accumulate(self, phase: Phase) -> dict[str, Stat]:
+        """Forward and backward over the micro-batches of one update; merged statistics."""
+        names = self.plan.optimizers[phase.optimizer].modules
+        trained, k, share = self.trained, self.k, self.share
+        nets = [trained[x] for x in names]
+        rest = [m for x, m in trained.items() if x not in names] if self.ddp_kind else []
+        parts = []
+        with self._whole_batch(phase):
+            for m in self.micro:
+                sync = share.no_sync([*rest, *(nets if m < k - 1 else [])])
+                with sync if self.ddp_kind else self.null:
+                    with self._autocast():
+                        loss, st = phase.loss(self.inputs, self.n, self.gens)
+                    parts.append(st)
+                    _backward(loss, st, 1 / k, self.guard, self.poison)
+        if self.ddp_kind:
+            for name, net in zip(names, share.reduce(nets), strict=True):
+                if net is not trained[name]:  # wrapped by DDP after its first update
+                    trained[name] = net
+                    setattr(self.method, name, net)
+        return merge_stats(parts)
+
+    def update(self, phase: Phase, step: int) -> dict[str, Stat]:
+        """One optimiser update of ``phase`` (``step``: the 1-based step it belongs to)."""
+        opt = self.opts[phase.optimizer]
+        opt.zero_grad(set_to_none=True)
+        st = self._accumulate(phase)
+        apply_update(
+            opt,
+            self.params[phase.optimizer],
+            st,
+            step=step,
+            grad_clip=self.cfg.grad_clip,
+            guard=self.guard,
+            norm_key=phase.norm_key,
+        )
+        return st
+
+    def step(self, done: int) -> list[list[dict[str, Stat]]]:
+        """Engine step ``done`` (1-based): learning-rate warm-up, every phase ``repeat`` times,
+        the EMA; the statistics of every update, by phase."""
+        for o, spec in self.plan.optimizers.items():
+            if spec.warmup > 0:
+                for group in self.opts[o].param_groups:
+                    group["lr"] = spec.lr * min(1.0, done / spec.warmup)
+        phase_parts = [[self.update(p, done) for _ in range(p.repeat)] for p in self.plan.phases]
+        warm = done if self.cfg.ema_warmup else None
+        self.ema.update(getattr(self.method, self.plan.ema), warm, skip=self.guard.tripped)
+        return phase_parts
+
+
+def step_stats(phases: list[list[dict[str, Stat]]]) -> dict[str, Stat]:
+    """A step's statistics: for each phase the mean over its updates."""
+    out: dict[str, Stat] = {}
+    for parts in phases:
+        out |= merge_stats(parts)
+    return out
+
+
 def train(
     method: Method,
     inputs: Inputs,
@@ -215,118 +359,23 @@ def train(
     Under DDP or FSDP the trained modules are replaced by their wrappers / shards for the length
     of the loop.
     """
-    ddp = ddp or Dist()
+    engine = Engine(method, inputs, cfg, ddp=ddp, gens=gens)
     out = Path(out) if out is not None else None
-    n, k = micro_batches(cfg, ddp.world)
-    gens = gens if gens is not None else make_generators(cfg.seed, ddp)
-    plan = method.plan(cfg)
-    share = Sharing(ddp, cfg.fsdp, compile_backend(cfg, ddp.device))
-    ema = EMA(getattr(method, plan.ema), cfg.ema_decay)
-    originals = {name: getattr(method, name) for name in method.trained}
-    trained = {name: share.prepare(m) for name, m in originals.items()}
-    with installed(method, trained):
-        params = {o: method.parameters_of(spec.modules) for o, spec in plan.optimizers.items()}
-    opts = {
-        o: make_adamw(params[o], spec.lr, cfg.betas, cfg.weight_decay, ddp.device)
-        for o, spec in plan.optimizers.items()
-    }
-    objects: dict[str, object] = {
-        name: share.state(originals[name], trained[name]) for name in trained
-    }
-    objects |= method.state_objects() | {"ema": ModuleState(ema)}
-    for o, spec in plan.optimizers.items():
-        objects[o] = share.optimizer_state([trained[m] for m in spec.modules], opts[o])
     full_config = {"kind": method.kind, "train": config_dict(cfg), **(config or {})}
-    books = _Bookkeeping(out, cfg, objects, gens, ddp, full_config, method.kind)
+    books = _Bookkeeping(
+        out, cfg, engine.objects, engine.gens, engine.ddp, full_config, method.kind
+    )
     start = books.begin(resume)
-    compile_modules(plan.compile_frozen, ddp.device, cfg.compile, cfg.compile_backend)
-    for name in plan.eager:
-        share.eager.add(id(trained[name]))
-    share.compile([trained[name] for name in plan.compile if name not in plan.eager])
-    guard, micro = FiniteGuard(ddp.device), MicroBatches(gens, k)
-    # At tiny sizes the per-update Python work shows: nothing is done for DDP, bf16 or
-    # several processes where there are none (see benchmarks/engine_overhead.py).
-    ddp_kind, poison = share.kind == "ddp", ddp.world > 1
-    amp = bf16_supported(ddp.device) and cfg.bf16
-    null = contextlib.nullcontext()
-
-    def whole_batch(phase: Phase) -> contextlib.AbstractContextManager:
-        """With micro-batches, a phase whose loss normalises over its batch (``prepare``) first
-        runs every micro-batch without gradients to gather the per-sample statistics, then
-        replays the same draws (every random stream rewound) with the loss normalised by the
-        whole batch's statistics: accumulation then changes memory, not the result."""
-        if k == 1 or phase.prepare is None:
-            return null
-        saved = {name: g.get_state() for name, g in gens.items()}
-        torch_state = torch.get_rng_state()
-        rows = []
-        with torch.no_grad():
-            for _ in micro:
-                with autocast(ddp.device, True) if amp else null:
-                    rows.append(phase.prepare(inputs, n, gens))
-        for name, g in gens.items():
-            g.set_state(saved[name])
-        torch.set_rng_state(torch_state)
-        return phase.fixed(torch.cat(rows))
-
-    def accumulate(phase: Phase) -> dict[str, Stat]:
-        """Forward and backward over the micro-batches of one update; merged statistics."""
-        names = plan.optimizers[phase.optimizer].modules
-        nets = [trained[x] for x in names]
-        rest = [m for x, m in trained.items() if x not in names] if ddp_kind else []
-        parts = []
-        with whole_batch(phase):
-            for m in micro:
-                with share.no_sync([*rest, *(nets if m < k - 1 else [])]) if ddp_kind else null:
-                    with autocast(ddp.device, True) if amp else null:
-                        loss, st = phase.loss(inputs, n, gens)
-                    parts.append(st)
-                    _backward(loss, st, 1 / k, guard, poison)
-        if ddp_kind:
-            for name, net in zip(names, share.reduce(nets), strict=True):
-                if net is not trained[name]:  # wrapped by DDP after its first update
-                    trained[name] = net
-                    setattr(method, name, net)
-        return merge_stats(parts)
-
-    def step_stats(phases: list[list[dict[str, Stat]]]) -> dict[str, Stat]:
-        """A step's statistics: for each phase the mean over its updates."""
-        out: dict[str, Stat] = {}
-        for parts in phases:
-            out |= merge_stats(parts)
-        return out
-
+    engine.compile()
     try:
-        with installed(method, trained):
+        with engine.running():
             for step in range(start, cfg.steps):
                 done = step + 1
-                for o, spec in plan.optimizers.items():
-                    if spec.warmup > 0:
-                        for group in opts[o].param_groups:
-                            group["lr"] = spec.lr * min(1.0, done / spec.warmup)
-                phase_parts: list[list[dict[str, Stat]]] = []
-                for phase in plan.phases:
-                    opt, parts = opts[phase.optimizer], []
-                    for _ in range(phase.repeat):
-                        opt.zero_grad(set_to_none=True)
-                        st = accumulate(phase)
-                        apply_update(
-                            opt,
-                            params[phase.optimizer],
-                            st,
-                            step=done,
-                            grad_clip=cfg.grad_clip,
-                            guard=guard,
-                            norm_key=phase.norm_key,
-                        )
-                        parts.append(st)
-                    phase_parts.append(parts)  # logged: the mean over the phase's updates
-                skip = guard.tripped
-                ema.update(getattr(method, plan.ema), done if cfg.ema_warmup else None, skip=skip)
-                books.end_step(done, guard, lambda parts=phase_parts: step_stats(parts))
+                parts = engine.step(done)
+                books.end_step(done, engine.guard, lambda parts=parts: step_stats(parts))
                 if on_step is not None:
-                    on_step(done, ema)
-        share.finish()
+                    on_step(done, engine.ema)
+        engine.share.finish()
     finally:
         books.close()
-    return ema
+    return engine.ema
