@@ -222,8 +222,9 @@ def weights_by_class(model: FDistill, x: Tensor, pred: Tensor, seed: int) -> dic
     weighting ignores the missing classes); and the logit difference between the two groups
     at sigma < 1 (nats; > 0: the discriminator sees that rare-looking samples are too few)."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    idx = torch.randint(len(model.sigma_grid), (len(x),), generator=g)
-    sigma = model.sigma_grid[idx]
+    grid = model.levels.sigma_grid  # the Karras grid the noise levels are drawn from
+    idx = torch.randint(len(grid), (len(x),), generator=g)
+    sigma = grid[idx]
     x_t = x + sigma[:, None, None, None] * torch.randn(x.shape, generator=g)
     logit = torch.cat(
         [
