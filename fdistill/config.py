@@ -242,6 +242,13 @@ class T2IConfig(DistillConfig):
         False, help="activation checkpointing of the UNets (less memory, about 1/3 more compute)"
     )
     encode_batch: int = option(8, help="images per VAE encoding batch", resumable=True)
+    real_latents: str = option(
+        "sample",
+        help="real latents of --data: a fresh sample of each image's VAE posterior per batch "
+        "(the official code) or its mean",
+        choices=("sample", "mean"),
+        legacy="mean",
+    )
 
 
 def grid_size(cfg: TeacherConfig | DistillConfig) -> int:

@@ -139,15 +139,26 @@ def set_latent_size(teacher: nn.Module, size: int) -> None:
 
 
 def captioned_sampler(
-    latents: Tensor, data: CaptionedData, teacher: nn.Module, device: torch.device
+    latents: Tensor,
+    data: CaptionedData,
+    teacher: nn.Module,
+    device: torch.device,
+    std: Tensor | None = None,
 ) -> Sampler:
-    """``sample(n, gen) -> (latents, caption embeddings)``: uniform (image, caption) pairs."""
+    """``sample(n, gen) -> (latents, caption embeddings)``: uniform (image, caption) pairs;
+    with the posterior's ``std`` each latent is a fresh posterior sample ``mean + std * eps``
+    (``eps`` from ``gen``, after the indices), as the official code trains; without it the
+    posterior mean."""
     image_of = torch.tensor(data.image_of)
 
     def sample(n: int, gen: rng.RandomSource) -> tuple[Tensor, Tensor]:
         idx = rng.randint(len(data), (n,), gen).cpu()
-        x = latents[image_of[idx]].to(device, torch.float32)
-        return x, teacher.encode_prompts([data.captions[i] for i in idx.tolist()])
+        rows = image_of[idx]
+        x = latents[rows].float()
+        if std is not None:
+            x = x + std[rows].float() * rng.randn(x.shape, gen, device="cpu")
+        caps = teacher.encode_prompts([data.captions[i] for i in idx.tolist()])
+        return x.to(device), caps
 
     return sample
 
@@ -273,7 +284,8 @@ def text_source(
             return no_real
         cache = shared_latents(data, teacher, res, cfg, key, ddp)
         t2i["latent_cache"] = str(cache.path)
-        return captioned_sampler(cache.latents, data, teacher, ddp.device)
+        std = cache.std if cfg.real_latents == "sample" else None
+        return captioned_sampler(cache.latents, data, teacher, ddp.device, std)
 
     notes = []
     if data is None:

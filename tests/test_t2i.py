@@ -128,6 +128,17 @@ def test_latent_cache_matches_vae_reused_and_invalidated(teacher, files, tmp_pat
     with torch.no_grad():
         ref = vae.encode(imgs).latent_dist.mean * vae.config.scaling_factor
     assert torch.allclose(first.latents.float(), ref, rtol=1e-3, atol=1e-4)  # float16 storage
+    with torch.no_grad():  # the posterior's std, in the same units
+        ref_std = vae.encode(imgs).latent_dist.std * vae.config.scaling_factor
+    assert torch.allclose(first.std.float(), ref_std, rtol=1e-3, atol=1e-4)
+    # real batches: a fresh posterior sample mean + std * eps, eps drawn after the indices
+    sample = t2i.captioned_sampler(first.latents, data, teacher, torch.device("cpu"), first.std)
+    x, _ = sample(5, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    rows = torch.tensor(data.image_of)[torch.randint(len(data), (5,), generator=g)]
+    eps = torch.randn((5, 4, 8, 8), generator=g)
+    want = first.latents[rows].float() + first.std[rows].float() * eps
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
     assert t2i.load_image(data.root / "img3.png", 64).shape == (3, 64, 64)  # grey -> RGB
     mtime = first.path.stat().st_mtime_ns
     again = t2i.encode_latents(data, teacher, 64, cache, progress=False)

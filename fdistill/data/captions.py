@@ -210,12 +210,15 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
 
 
 class LatentCache(NamedTuple):
-    """Latents of a captioned set's images (float16, ``[len(files), 4, r, r]``, CPU)."""
+    """Latents of a captioned set's images: the VAE posterior's mean and standard deviation
+    (float16, ``[len(files), 4, r, r]`` each, CPU); a posterior sample is ``latents + std *
+    eps``."""
 
     latents: Tensor
     path: Path
     key: str
     reused: bool
+    std: Tensor | None = None
 
 
 def default_cache_dir() -> Path:
@@ -236,7 +239,8 @@ def latent_cache_key(data: CaptionedData, resolution: int, vae_digest: str) -> s
     for f in data.files:
         st = (data.root / f).stat()
         files.append([f, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"v": 1, "vae": vae_digest, "resolution": resolution, "files": files})
+    # v2: the cache holds the posterior's std beside its mean
+    blob = json.dumps({"v": 2, "vae": vae_digest, "resolution": resolution, "files": files})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -251,7 +255,8 @@ def encode_latents(
     key: str | None = None,
 ) -> LatentCache:
     """The latents of ``data``'s images at ``resolution``, from the cache or encoded once with
-    ``teacher``'s VAE (posterior mean times ``scaling_factor``) and saved there atomically."""
+    ``teacher``'s VAE (the posterior's mean and std times ``scaling_factor``) and saved there
+    atomically."""
     vae = teacher.components.vae
     key = key or latent_cache_key(data, resolution, runs.state_digest(vae))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -260,7 +265,7 @@ def encode_latents(
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if saved.get("key") == key:
-                return LatentCache(saved["latents"], path, key, True)
+                return LatentCache(saved["latents"], path, key, True, saved["std"])
         except Exception:  # noqa: BLE001 - our own cache, unreadable: encode it again
             pass
     from tqdm.auto import tqdm
@@ -272,10 +277,17 @@ def encode_latents(
         imgs = torch.stack(
             [load_image(data.root / f, resolution) for f in data.files[i : i + batch]]
         )
-        out.append(teacher.encode_images(imgs).float().cpu().half())
-    latents = torch.cat(out)
+        out.append(torch.stack(teacher.encode_posterior(imgs)).float().cpu().half())
+    latents, std = torch.cat(out, 1)
     folder.mkdir(parents=True, exist_ok=True)
     runs.atomic_save(
-        {"key": key, "resolution": resolution, "files": list(data.files), "latents": latents}, path
+        {
+            "key": key,
+            "resolution": resolution,
+            "files": list(data.files),
+            "latents": latents,
+            "std": std,
+        },
+        path,
     )
-    return LatentCache(latents, path, key, False)
+    return LatentCache(latents, path, key, False, std)

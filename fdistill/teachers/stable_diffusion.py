@@ -208,6 +208,18 @@ class StableDiffusionTeacher(DiffusersDenoiserBase):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((mean.float() - shift) * vae.config.scaling_factor).to(images.dtype)
 
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, std)`` of the VAE posterior of images in ``[-1, 1]``, in the latent units of
+        :meth:`encode_images` (scaled by ``scaling_factor``): a posterior sample is
+        ``mean + std * eps``, what the official code trains on."""
+        vae = self._follow(self._components().vae)
+        vdtype = next(vae.parameters()).dtype
+        dist = vae.encode(images.to(self.unet.device, vdtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        f = vae.config.scaling_factor
+        mean = ((dist.mean.float() - shift) * f).to(images.dtype)
+        return mean, (dist.std.float() * f).to(images.dtype)
+
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Images in about ``[-1, 1]`` (not clamped) from latents made by :meth:`encode_images`."""
