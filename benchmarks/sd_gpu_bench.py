@@ -17,6 +17,15 @@ the teacher's encoder twice.
     python benchmarks/sd_gpu_bench.py --batch 16 --settings bf16+ckpt,bf16+ckpt+compile
     python benchmarks/sd_gpu_bench.py --tiny              # tiny UNet on the CPU: a smoke test
 
+Run mode (``--run PIPELINE``): distil a real Stable Diffusion pipeline folder for ``--minutes``
+on one GPU with the ``t2i`` preset (what ``fdistill distill`` runs: the engine, bf16, the
+official noise levels), then evaluate the student on a COCO subset with ``eval --protocol
+dmd2``, printing as it goes:
+
+    python benchmarks/sd_gpu_bench.py --run sd-v1-5/ --prompts coco-train/captions.jsonl \
+        --data coco-train/ --minutes 8 --captions annotations/captions_val2014.json \
+        --ref val2014/ --clip clip-vit-g14/ --inception inception-2015-12-05.pt --n-eval 1000
+
 Write the printed table into ``benchmarks/results/`` with the card's name.
 """
 
@@ -27,6 +36,7 @@ import contextlib
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +51,7 @@ from fdistill.pipeline import PRESETS  # noqa: E402
 DEFAULT_SETTINGS = "bf16,bf16+ckpt,bf16+ckpt+compile"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="samples per update (per GPU)")
     p.add_argument("--latent", type=int, help="latent side (default 64; --tiny: 8)")
@@ -60,7 +70,19 @@ def parse_args() -> argparse.Namespace:
         help="torch.compile backend; another than inductor also compiles on a CPU (aot_eager)",
     )
     p.add_argument("--device", help="default: cuda if available (cpu with --tiny)")
-    return p.parse_args()
+    run = p.add_argument_group("run mode: distil a real pipeline for --minutes, then evaluate")
+    run.add_argument("--run", metavar="PIPELINE", help="a Stable Diffusion pipeline folder")
+    run.add_argument("--prompts", help="prompts of the student's training batches")
+    run.add_argument("--data", help="captioned real images for the discriminator")
+    run.add_argument("--minutes", type=float, default=8.0, help="training time (after set-up)")
+    run.add_argument("--captions", help="COCO captions json (or text) to evaluate on")
+    run.add_argument("--ref", help="reference images of the evaluation (e.g. val2014/)")
+    run.add_argument("--clip", help="a local transformers CLIP folder (CLIP score)")
+    run.add_argument("--inception", help="the Inception TorchScript file (FID)")
+    run.add_argument("--n-eval", type=int, default=1000, help="captions to evaluate")
+    run.add_argument("--out", default="runs/sd-gpu-bench", help="run folder")
+    run.add_argument("--latent-cache", help="latent cache folder (default ~/.cache)")
+    return p.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -79,8 +101,67 @@ def median_time(fn, reps: int, device: torch.device) -> float:
     return statistics.median(ts)
 
 
-def main() -> None:
-    args = parse_args()
+def run_mode(args: argparse.Namespace) -> dict:
+    """Distil ``args.run`` for ``args.minutes`` (a 2-step probe times an engine step, then the
+    run resumes exactly to the steps that fit), then ``eval --protocol dmd2``; returns the
+    evaluation's result."""
+    import json
+
+    from fdistill.config import T2IConfig, apply_preset
+    from fdistill.evaluation_text import evaluate_t2i, format_t2i_table
+    from fdistill.recipes import distill_run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = apply_preset(T2IConfig(teacher=args.run, prompts=args.prompts, data=args.data), "t2i")
+    loop = dict(batch=args.batch, critic_ratio=args.critic_ratio, steps=2, progress=False)
+    loop |= dict(log_every=1, ckpt_every=10**9)
+    cfg = replace(
+        cfg,
+        device=device,
+        latent_cache=args.latent_cache,
+        grid_every=0,
+        train=replace(cfg.train, **loop),
+    )
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    res = distill_run(cfg, out)
+    probe = time.perf_counter() - t0
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    per_step = 1 / rec["it_s"]
+    steps = max(3, int(args.minutes * 60 / per_step))
+    print(
+        f"set-up and 2 steps in {probe:.0f} s; one step (critic x {args.critic_ratio} + "
+        f"generator, batch {args.batch}) {per_step:.2f} s: training to step {steps}",
+        flush=True,
+    )
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, log_every=max(1, steps // 20)))
+    cfg = replace(cfg, train=replace(cfg.train, progress=True))
+    res = distill_run(cfg, out, resume=True)
+    print(f"trained {res.steps} steps in {res.seconds:.0f} s -> {out}", flush=True)
+    metrics = "fid,clip" if args.inception and args.clip else ("clip" if args.clip else "fid")
+    result = evaluate_t2i(
+        out,
+        captions=args.captions,
+        ref=args.ref,
+        metrics=metrics,
+        clip=args.clip,
+        inception=args.inception,
+        n=args.n_eval,
+        batch=args.batch,
+        device=device,
+        protocol="dmd2",
+        out_dir=out,
+    )
+    print(format_t2i_table(result), flush=True)
+    (out / "eval_dmd2.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.run:
+        run_mode(args)
+        return
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type != "cuda" and not args.tiny:
         sys.exit("no CUDA device: run on a GPU, or pass --tiny for a CPU smoke test")

@@ -496,3 +496,27 @@ def test_eval_protocol_dmd2_end_to_end(sd, files, tiny_clip, tmp_path):
     m = res["metrics"]
     assert np.isfinite(m["fid"]) and m["num_reference"] == 4 and -1 <= m["clip_score"] <= 1
     assert res["protocol_settings"]["clip_prefix"] == "A photo depicts "
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_run_mode_tiny_on_cpu(sd, files, tiny_clip, tmp_path):
+    """sd_gpu_bench.py --run: distil a pipeline for some minutes, resume exactly to the steps
+    that fit, evaluate with --protocol dmd2 (the tiny fixtures, on the CPU)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sd_gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("sd_gpu_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    coco = tmp_path / "captions_val.json"
+    coco.write_text(json.dumps({"annotations": [{"image_id": i, "caption": c}
+                                                for i, c in enumerate(CAPTIONS)]}))  # fmt: skip
+    out = tmp_path / "run"
+    args = ["--run", str(sd), "--prompts", str(files["prompts"]), "--data", str(files["data"])]
+    args += ["--minutes", "0.02", "--captions", str(coco), "--clip", str(tiny_clip)]
+    args += ["--n-eval", "2", "--batch", "2", "--critic-ratio", "2", "--device", "cpu"]
+    args += ["--out", str(out), "--latent-cache", str(files["root"] / "cache")]
+    res = bench.run_mode(bench.parse_args(args))
+    assert res["protocol"] == "dmd2" and res["n"] == 2 and "clip_score" in res["metrics"]
+    assert (out / "captions_drawn.jsonl").is_file() and (out / "eval_dmd2.json").is_file()
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] >= 3
