@@ -18,7 +18,7 @@ from fdistill.divergences import NAMES, get_divergence
 from fdistill.engine import LoopConfig, TeacherTrainConfig, TrainConfig
 from fdistill.generator import STUDENT_INPUTS, validate_student_sigmas
 from fdistill.methods import LossConfig
-from fdistill.options import option, resumable_paths, set_path
+from fdistill.options import comma_list, option, resumable_paths, set_path
 from fdistill.samplers import DEFAULT_TEACHER_NFE
 
 ARCHS = ("unet", "mlp")
@@ -73,31 +73,6 @@ def default_model(arch: str, shape: tuple[int, int, int], num_classes: int, **ov
     return cfg
 
 
-def _lo_hi(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(t) for t in text.split(","))
-    except ValueError:
-        raise ValueError(f"expected LO,HI (e.g. 0,1 or -1,1), got {text!r}") from None
-    return lo, hi
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not names:
-        raise ValueError("expected names separated by commas")
-    return names
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values:
-        raise ValueError("expected numbers separated by commas")
-    return values
-
-
 def _data_options(default: str | None, what: str) -> dict:
     """The real-data options of a command, as field keyword arguments."""
     return {
@@ -111,7 +86,7 @@ def _data_options(default: str | None, what: str) -> dict:
             None,
             help="value range of float image arrays (mapped to [-1, 1]); uint8 needs none",
             flag="--range",
-            parse=_lo_hi,
+            parse=comma_list(float, 2, "LO,HI (e.g. 0,1 or -1,1)"),
             metavar="LO,HI",
         ),
     }
@@ -183,7 +158,7 @@ class DistillConfig:
         None,
         help="feature maps the discriminator heads read, e.g. enc32,enc16,enc8 or mid "
         "(default: every encoder resolution; `fdistill inspect` lists a teacher's maps)",
-        parse=_names,
+        parse=comma_list(str, None, "names separated by commas"),
         metavar="T1,T2,...",
     )
     head_hidden: int | None = option(
@@ -201,7 +176,7 @@ class DistillConfig:
         help="the student's K noise levels, descending (default: the teacher's timesteps T-1, "
         "T-1-T/K, ... for a discrete-time teacher; the first K points of a K+1-point Karras "
         "grid for an EDM teacher)",
-        parse=_floats,
+        parse=comma_list(float, None, "numbers separated by commas"),
         metavar="S1,...,SK",
         legacy=None,
     )

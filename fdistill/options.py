@@ -58,6 +58,25 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def comma_list(kind: type, count: int | None = None, example: str = "") -> Callable[[str], tuple]:
+    """A parser of ``"a,b,..."`` into a tuple of ``kind`` (``count`` items, or at least one),
+    raising one-line ``ValueError`` s the command line shows (``example``: e.g. ``"LO,HI"``)."""
+    what = example or (f"{count} values" if count else "values") + " separated by commas"
+
+    def parse(text: str) -> tuple:
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            values = tuple(kind(t) for t in parts)
+        except ValueError:
+            raise ValueError(f"expected {what}, got {text!r}") from None
+        if not values or (count is not None and len(values) != count):
+            raise ValueError(f"expected {what}, got {text!r}")
+        return values
+
+    parse.__name__ = f"{kind.__name__}_list"
+    return parse
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One option of a configuration tree: its path (``("train", "steps")``), its field and

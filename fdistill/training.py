@@ -13,42 +13,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from fdistill.engine import (
-    BINS,
-    EMA,
-    Dist,
-    FiniteGuard,
-    Generators,
-    LoopConfig,
-    MicroBatches,
-    NonFiniteError,
-    RunLog,
-    TeacherTrainConfig,
-    TrainConfig,
-    apply_update,
-    autocast,
-    average_gradients,
-    bf16_supported,
-    check_finite,
-    compile_modules,
-    compile_supported,
-    distributed,
-    grad_norm,
-    host_stats,
-    init_distributed,
-    make_adamw,
-    make_batch_randoms,
-    make_generators,
-    merge_stats,
-    micro_batches,
-    optimizer_step,
-    per_rank_batch,
-    restore_run,
-    rng_state,
-    save_run,
-    set_rng_state,
-    train,
-)
+from fdistill.engine import *  # noqa: F403 - the engine's names, by their earlier module
+from fdistill.engine import EMA, Dist, Generators, TeacherTrainConfig, TrainConfig, train
+from fdistill.engine import __all__ as ENGINE_NAMES
 from fdistill.methods import Denoising, FDistill, Inputs
 from fdistill.methods.base import Sampler
 
@@ -109,39 +76,4 @@ def train_distill(
     )
 
 
-__all__ = [
-    "BINS",
-    "EMA",
-    "Dist",
-    "FiniteGuard",
-    "LoopConfig",
-    "MicroBatches",
-    "NonFiniteError",
-    "RunLog",
-    "TeacherTrainConfig",
-    "TrainConfig",
-    "apply_update",
-    "autocast",
-    "average_gradients",
-    "bf16_supported",
-    "check_finite",
-    "compile_modules",
-    "compile_supported",
-    "distributed",
-    "grad_norm",
-    "host_stats",
-    "init_distributed",
-    "make_adamw",
-    "make_batch_randoms",
-    "make_generators",
-    "merge_stats",
-    "micro_batches",
-    "optimizer_step",
-    "per_rank_batch",
-    "restore_run",
-    "rng_state",
-    "save_run",
-    "set_rng_state",
-    "train_distill",
-    "train_teacher",
-]
+__all__ = [*ENGINE_NAMES, "train_distill", "train_teacher"]

@@ -6,15 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fdistill.options import option
-
-
-def _two_floats(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(t) for t in text.split(","))
-    except ValueError:
-        raise ValueError(f"expected two numbers B1,B2, got {text!r}") from None
-    return a, b
+from fdistill.options import comma_list, option
 
 
 @dataclass
@@ -38,7 +30,10 @@ class LoopConfig:
         resumable=True,
     )
     betas: tuple[float, float] = option(
-        (0.9, 0.999), help="AdamW betas", parse=_two_floats, metavar="B1,B2"
+        (0.9, 0.999),
+        help="AdamW betas",
+        parse=comma_list(float, 2, "two numbers B1,B2"),
+        metavar="B1,B2",
     )
     grad_clip: float = option(10.0, help="gradient-norm clip (0: off)")
     ema_decay: float = option(0.999, help="EMA decay of the averaged network")

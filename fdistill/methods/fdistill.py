@@ -38,20 +38,12 @@ from fdistill.noise_levels import (
     KarrasGridLevels,
     TimestepBins,
 )
-from fdistill.options import option
+from fdistill.options import comma_list, option
 from fdistill.samplers import guide
 
 FEATURE_SOURCES = ("fake", "teacher")
 NOISE_LEVELS = ("auto", "karras", "timestep")
 R1_FORMS = ("exact", "approx", "off")
-
-
-def _two_ints(text: str) -> tuple[int, int]:
-    try:
-        a, b = (int(t) for t in text.split(","))
-    except ValueError:
-        raise ValueError(f"expected two integers T_MIN,T_MAX, got {text!r}") from None
-    return a, b
 
 
 FAKE_WEIGHTINGS = ("edm", "none")
@@ -109,7 +101,7 @@ class LossConfig:
         OFFICIAL_T_RANGE,
         help="timesteps a discrete-time teacher's noise levels are drawn from (official SD "
         "f-distill: 1,999; DMD2: 20,980)",
-        parse=_two_ints,
+        parse=comma_list(int, 2, "two integers T_MIN,T_MAX"),
         metavar="T_MIN,T_MAX",
         legacy=OFFICIAL_T_RANGE,
     )
