@@ -306,6 +306,27 @@ def begin(
     return merge_resumable(saved["resume_options"], options, resumable)
 
 
+GRIDS = "grids"
+TENSORBOARD = "tb"
+
+
+def open_metrics(out: str | Path) -> IO:
+    """``metrics.jsonl`` of a run folder, opened to append one JSON record a line."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return open(path / METRICS, "a")  # noqa: SIM115 - the caller closes it
+
+
+def tensorboard_dir(out: str | Path) -> Path:
+    """Where a run's TensorBoard events go (when tensorboard is installed)."""
+    return Path(out) / TENSORBOARD
+
+
+def grid_path(out: str | Path, step: int) -> Path:
+    """The sample grid of training step ``step``."""
+    return Path(out) / GRIDS / f"{step:07d}.png"
+
+
 def trim_metrics(out: str | Path, step: int) -> None:
     """Drop ``metrics.jsonl`` records after ``step`` (written after the checkpoint a resumed
     run restarts from), so every step appears exactly once."""

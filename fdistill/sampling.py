@@ -313,7 +313,8 @@ def grid_writer(
         fn = render(ema.module)
         decoded = WithNoise(lambda z, c, noise: codec.decode(run_fn(fn, z, c, noise)))
         images = generate(decoded, shape, seeds, conditioning.grid(n), device=ddp.device)
-        path = out / "grids" / f"{done:07d}.png"
-        save_image_grid(images, path, nrow=conditioning.grid_columns, padding=1)
+        save_image_grid(
+            images, runs.grid_path(out, done), nrow=conditioning.grid_columns, padding=1
+        )
 
     return on_step

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.engine.processes import average_gradients, full_tensor
+from fdistill.runs import open_metrics, tensorboard_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -187,12 +188,11 @@ class RunLog:
 
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(out / "metrics.jsonl", "a")  # noqa: SIM115
+            self.jsonl = open_metrics(out)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tb"))
+                self.tb = SummaryWriter(str(tensorboard_dir(out)))
             except Exception:  # tensorboard is optional
                 self.tb = None
 
