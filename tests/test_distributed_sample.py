@@ -34,6 +34,9 @@ def runs(tmp_path_factory):
     assert main([*args, *TINY, "--grid-every", "0"]) == 0
     args = ["distill", "--teacher", str(teacher), "--out", str(student), "--steps", "1"]
     args += ["--batch", "8", "--critic-ratio", "1", "--grid-every", "0"]
+    # a 2-step student: its re-noising draws continue each sample's own stream, so torchrun
+    # must still equal one process (a one-step student is the K = 1 case of the same path)
+    args += ["--student-steps", "2"]
     assert main([*args, "--no-progress", "--device", "cpu"]) == 0
     return teacher, student
 
