@@ -193,10 +193,10 @@ def build_distill(cfg: DistillConfig, teacher: nn.Module, discriminator: bool = 
     it, and discriminator heads on the selected feature maps of the teacher or fake score.
 
     Without a ``discriminator`` (no real data) the distribution-matching loss alone
-    (:class:`DistributionMatchingOnly`). For a diffusers UNet with R1, the feature network's
-    attention runs PyTorch's math kernel when gradients are on (the fused kernels have no double
-    backward); ``cfg.grad_checkpointing`` (text-to-image) turns on diffusers' activation
-    checkpointing in all three UNets.
+    (:class:`DistributionMatchingOnly`). For a Stable Diffusion teacher with the exact R1, the
+    feature network's attention runs PyTorch's math kernel when gradients are on (the fused
+    kernels have no double backward); ``cfg.grad_checkpointing`` (text-to-image) turns on
+    diffusers' activation checkpointing in all three UNets.
     """
     info = teacher.info
     fake = copy_denoiser(teacher)
@@ -224,9 +224,11 @@ def build_distill(cfg: DistillConfig, teacher: nn.Module, discriminator: bool = 
         model = DistributionMatchingOnly(**(parts | {"head": ConstantLogit()}))
     else:
         model = FDistill(**parts)
-    if discriminator and cfg.loss.r1_gamma > 0 and hasattr(source, "unet"):
+    text = isinstance(cfg, T2IConfig)
+    exact_r1 = cfg.loss.r1_gamma > 0 and cfg.loss.r1 == "exact"  # a double backward
+    if discriminator and exact_r1 and text:
         source.unet.set_attn_processor(r1_attention_processor())
-    if getattr(cfg, "grad_checkpointing", False):
+    if text and cfg.grad_checkpointing:
         for net in (model.generator.denoiser, model.fake_score, model.teacher):
             net.unet.enable_gradient_checkpointing()
     return model

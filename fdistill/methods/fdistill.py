@@ -265,7 +265,7 @@ class FDistill(Method):
         # decided before the engine wraps the student (a DDP wrapper hides its attributes)
         self._needs_real = isinstance(self.generator, Student) and self.generator.needs_real_data
         r1_net = None
-        if self.cfg.r1_gamma > 0:
+        if self.cfg.r1_gamma > 0 and self.cfg.r1 == "exact":
             r1_net = "teacher" if self.cfg.disc_features == "teacher" else "fake_score"
         return Plan(
             optimizers={
