@@ -36,27 +36,23 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_table import (  # noqa: E402
-    EVAL_SEED0,
-    REF_NFE,
-    TEACHER_NFES,
-    TEACHER_REF_SEED,
-    apply_quick,
-    log_stats,
-    measure_throughput,
-)
+import results_table as rt  # noqa: E402
 
+from fdistill import runs  # noqa: E402
 from fdistill.config import DistillConfig, TeacherConfig  # noqa: E402
 from fdistill.data import load_dataset  # noqa: E402
 from fdistill.demo import DemoConfig, cached_teacher, distill_config, teacher_config  # noqa: E402
 from fdistill.divergences import NAMES  # noqa: E402
 from fdistill.evaluation import generate_samples  # noqa: E402
+from fdistill.methods.fdistill import resolved_levels  # noqa: E402
 from fdistill.metrics import evaluate_images, mean_std  # noqa: E402
 from fdistill.models import load_run  # noqa: E402
+from fdistill.options import legacy_values, resumable_paths  # noqa: E402
 from fdistill.recipes import distill_run, train_teacher_run  # noqa: E402
 from fdistill.runs import CHECKPOINT, atomic_write_text, load_checkpoint  # noqa: E402
 from fdistill.sampling import sample_run  # noqa: E402
 
+REF_NFE = rt.REF_NFE  # the teacher the speed-ups and "cFID teacher" refer to
 QUICK = {"seeds": "0", "ks": "1,2", "distill_steps": 4, "teacher_steps": 30, "n": 200,
          "time_n": 100, "cost_steps": "1,3", "cost_rounds": 1, "nfes": "1,4,35",
          "mnist": False, "work": "runs/bench-few-step-quick"}  # fmt: skip
@@ -91,15 +87,19 @@ def _teacher_config(data: str, steps: int) -> TeacherConfig:
 
 
 def _cached_student(out: Path, cfg: DistillConfig, teacher_step: int) -> bool:
-    """Whether ``out`` holds a finished student of exactly this config and teacher."""
+    """Whether ``out`` holds a finished student of this config (options compared as a strict
+    resume does: "auto" resolved for an EDM teacher, older runs' legacy values, resumable
+    fields free), teacher and length."""
     if not all((out / f).is_file() for f in (CHECKPOINT, "config.json", "timing.json")):
         return False
     saved = json.loads((out / "config.json").read_text())
-    want = json.loads(json.dumps(asdict(cfg), default=str))
+    levels, binning = resolved_levels(cfg.loss, False)
+    want = asdict(replace(cfg, loss=replace(cfg.loss, noise_levels=levels, ratio_binning=binning)))
+    free, legacy = resumable_paths(DistillConfig), legacy_values(DistillConfig)
     return (
-        saved["options"] == want
+        not runs.option_differences(saved["options"], want, free, legacy)
         and saved["teacher"]["step"] == teacher_step
-        and load_checkpoint(out)["step"] >= cfg.train.steps
+        and load_checkpoint(out)["step"] == cfg.train.steps
     )
 
 
@@ -126,7 +126,7 @@ def train_student(job: dict) -> dict:
         atomic_write_text(json.dumps(timing), out / "timing.json")
     row |= json.loads((out / "timing.json").read_text())
     row |= {"steady_step_s": steady_step_s(out), "dir": str(out)}
-    return row | log_stats(out)
+    return row | rt.log_stats(out)
 
 
 def evaluate(x: Tensor, data: str, ref: str) -> dict[str, float]:
@@ -143,7 +143,7 @@ def evaluate(x: Tensor, data: str, ref: str) -> dict[str, float]:
 
 def _sample_and_evaluate(row: dict, path: str, nfe: int | None, job: dict) -> dict:
     run = load_run(path)
-    x, seconds = generate_samples(run, job["n"], EVAL_SEED0 + row["seed"], nfe, batch=256)
+    x, seconds = generate_samples(run, job["n"], rt.EVAL_SEED0 + row["seed"], nfe, batch=256)
     row["job_samples_per_s"] = job["n"] / seconds
     if run.kind != "teacher":
         row["sigmas"] = list(run.model.sigmas)
@@ -185,11 +185,11 @@ def _ensure_teacher(t_dir: Path, tcfg: TeacherConfig, retrain: bool) -> str:
 
 
 def _teacher_ref(work: Path, t_dir: Path, data: str, n: int) -> Path:
-    """The 35-NFE teacher samples (seed TEACHER_REF_SEED) students are compared with."""
+    """The 35-NFE teacher samples (results_table's seed) the students are compared with."""
     teacher = load_run(t_dir)
     path = work / f"{data}_teacher_ref_{REF_NFE}nfe_n{n}_step{teacher.step}.pt"
     if not path.is_file():
-        x, _ = sample_run(teacher, n, TEACHER_REF_SEED, nfe=REF_NFE)
+        x, _ = sample_run(teacher, n, rt.TEACHER_REF_SEED, nfe=REF_NFE)
         torch.save(x.clamp(-1, 1), path)
     return path
 
@@ -204,19 +204,15 @@ def mnist_rows(job: dict) -> list[dict]:
     _ensure_teacher(t_dir, tcfg, False)
     ref = _teacher_ref(work, t_dir, "mnist", job["n"])
     base = {"data": "mnist", "seed": 0, "budget": "iters", "teacher_ref": str(ref), "n": job["n"]}
+    base |= {"teacher": str(t_dir), "teacher_step": load_run(t_dir).step}
+    jobs = [base | {"kind": "teacher", "div": "teacher", "k": nfe, "steps": tcfg.train.steps}
+            for nfe in job["nfes"]]  # fmt: skip
+    jobs += [base | {"kind": "student", "div": job["div"], "k": k, "steps": job["steps"],
+                     "dir": str(_student_dir(work, "mnist", job["div"], k, "iters", 0))}
+             for k in job["ks"]]  # fmt: skip
     rows = []
-    for nfe in job["nfes"]:
-        row = base | {"kind": "teacher", "div": "teacher", "k": nfe, "steps": tcfg.train.steps}
-        rows.append(_sample_and_evaluate(row, str(t_dir), nfe, base))
-        print(_line(rows[-1]), flush=True)
-    teacher_step = load_run(t_dir).step
-    for k in job["ks"]:
-        sjob = base | {"kind": "student", "div": job["div"], "k": k, "steps": job["steps"]}
-        sjob |= {"teacher": str(t_dir), "teacher_step": teacher_step}
-        sjob["dir"] = str(_student_dir(work, "mnist", job["div"], k, "iters", 0))
-        row = {key: sjob[key] for key in ("kind", "data", "div", "k", "budget", "seed", "steps")}
-        row |= train_student(sjob)
-        rows.append(_sample_and_evaluate(row, sjob["dir"], None, base))
+    for j in jobs:
+        rows += run_job(j)
         print(_line(rows[-1]), flush=True)
     rows[0]["chain_s"], rows[0]["chain_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     return rows
@@ -336,6 +332,16 @@ def cost_table(rows: list[dict], ks: list[int], cost: dict) -> list[str]:
     return lines
 
 
+def fair_budget(a: dict) -> list[str]:
+    """What the equal-budget steps would be with the direct costs (a line and a blank)."""
+    if not a["cost"] or not a["budget_steps"]:
+        return []
+    cpu = {k: statistics.median(c["cpu"]) for k, c in a["cost"].items()}
+    fair = {k: round(a["distill_steps"] * cpu[1] / cpu[k]) for k in a["budget_steps"]}
+    text = ", ".join(f"K = {k}: {v} (ran {a['budget_steps'][k]})" for k, v in fair.items())
+    return [f"Equal-budget steps from the direct CPU costs instead: {text}.", ""]
+
+
 def goal_table(rows: list[dict], data: str = "digits") -> list[str]:
     """Each student group's cFID (data) minus the 35-NFE teacher's, per seed (the same
     sampling seeds: student seed s and teacher seed s draw the same latents and labels)."""
@@ -377,7 +383,7 @@ def same_trajectory(rows: list[dict]) -> tuple[int, int]:
 
 def markdown(rows: list[dict], speed: dict[str, float], a: dict) -> str:
     """The results file."""
-    ks = a["ks"]
+    ks, same = a["ks"], same_trajectory(rows)
     sig = {r["k"]: r["sigmas"] for r in rows if r["kind"] == "student" and r["data"] == "digits"}
     lines = [
         "# Few-step students on 8x8 digits (issue 15): quality per NFE",
@@ -399,9 +405,9 @@ def markdown(rows: list[dict], speed: dict[str, float], a: dict) -> str:
         f"mean CPU seconds of a whole equal-iteration `distill_run` of that K "
         f"({a['budget_steps_text']}); CPU time (one torch thread) because the cores are shared; "
         f"every run's wall and CPU seconds are in the table. Metrics: {a['n']} samples "
-        f"(sampling seed {EVAL_SEED0} + seed), shipped digit classifier's features, against "
+        f"(sampling seed {rt.EVAL_SEED0} + seed), shipped digit classifier's features, against "
         f"the {a['num_data']} digits and against {a['n']} samples of the {REF_NFE}-NFE teacher "
-        f"(seed {TEACHER_REF_SEED}). Mean ± std over seeds (teacher: over sampling seeds). "
+        f"(seed {rt.TEACHER_REF_SEED}). Mean ± std over seeds (teacher: over sampling seeds). "
         f"Samples/s: {a['time_n']} samples, one thread, median of 3 interleaved rounds after "
         f"all jobs; speed-up against the {REF_NFE}-NFE teacher. A student's NFE is K.",
         "",
@@ -417,38 +423,29 @@ def markdown(rows: list[dict], speed: dict[str, float], a: dict) -> str:
         *goal_table(rows),
         "",
         "A shorter equal-budget run is the start of the equal-iteration run of the same "
-        "divergence, K and seed (nothing in training depends on the run's length): "
-        "{} of {} such pairs logged identical `metrics.jsonl` records up to the shorter run's "
-        "end. Their two rows are two points of one training trajectory.".format(
-            *same_trajectory(rows)
-        ),
+        "divergence, K and seed (training does not depend on the length; {} of {} pairs logged "
+        "identical records): the two rows are two points of one trajectory.".format(*same),
         "",
         "## Update cost against K = 1",
         "",
-        "The engine's real update (`fdistill.recipes.distill_run`: per step one generator "
-        "update and 5 critic updates, each drawing its own backward-simulated student "
-        "samples). **Direct**: after all jobs, in one process, K interleaved within each of "
-        f"{a['cost_rounds']} rounds, fresh rkl runs of {a['cost_steps']} steps; CPU seconds "
-        "per step from the difference of the two lengths (set-up cancels), steady wall "
-        "seconds per step from the longer run's `metrics.jsonl` (first to last record); "
-        "medians over rounds. **Grid runs**: CPU seconds of the whole equal-iteration runs "
-        "per step (set-up included), which ran at different times under different machine "
-        "load; the equal-budget step counts were computed from these.",
+        "The engine's real update (`distill_run`: a step is 1 generator + 5 critic updates, each "
+        "drawing its own backward-simulated samples). **Direct**: after the jobs, one process, "
+        f"K interleaved in each of {a['cost_rounds']} rounds, fresh rkl runs of "
+        f"{a['cost_steps']} steps; CPU s / step from the two lengths' difference (set-up "
+        "cancels), wall s / step from the longer run's `metrics.jsonl`; medians. **Grid "
+        "runs**: whole equal-iteration runs (set-up included), run under varying load; the "
+        "equal-budget steps were computed from these.",
         "",
         *cost_table(rows, ks, a["cost"]),
         "",
+        *fair_budget(a),
         "## MNIST-5k",
         "",
     ]
     if a.get("mnist_note"):
         lines.append(a["mnist_note"])
     if any(r["data"] == "mnist" for r in rows):
-        lines += [
-            "",
-            *result_table(rows, speed, "mnist"),
-            "",
-            *goal_table(rows, "mnist"),
-        ]
+        lines += ["", *result_table(rows, speed, "mnist"), "", *goal_table(rows, "mnist")]
     return "\n".join(lines) + "\n"
 
 
@@ -494,7 +491,9 @@ def figure(rows: list[dict], speed: dict[str, float], path: Path) -> None:
         ax.set(xscale="log", yscale="log" if key != "crecall" else "linear", title=title)
         ax.set_xlabel("NFE (student: K)")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))  # one entry per divergence and budget
+    axes[0].legend(uniq.values(), uniq.keys(), fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -508,7 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--divergences", default="rkl,js")
     p.add_argument("--ks", default="1,2,4", help="student steps K (must include 1)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--nfes", default=",".join(map(str, TEACHER_NFES)), help="teacher NFEs")
+    p.add_argument("--nfes", default=",".join(map(str, rt.TEACHER_NFES)), help="teacher NFEs")
     p.add_argument("--distill-steps", type=int, default=120, help="equal iterations' steps")
     p.add_argument("--teacher-steps", type=int, default=DemoConfig.teacher_steps)
     p.add_argument("--n", type=int, default=2000, help="samples per evaluation")
@@ -529,7 +528,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain", action="store_true", help="retrain the teacher (and students)")
     p.add_argument("--quick", action="store_true", help="1 seed, K = 1, 2, 4 steps, no MNIST")
     args = p.parse_args(argv)
-    given = apply_quick(args, argv, QUICK)
+    given = rt.apply_quick(args, argv, QUICK)
     if args.quick and "out_dir" not in given:  # never over the committed results
         args.out_dir = str(Path(args.work) / "results")
     return args
@@ -557,9 +556,10 @@ def execute(first: list[dict], then: Any, pool: Any, rows: list[dict]) -> Iterat
 def main(argv: list[str] | None = None) -> dict:
     """Teachers, jobs, throughput, then the table, the figure and the raw numbers."""
     args = parse_args(argv)
-    command = "python benchmarks/few_step.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    given = argv if argv is not None else sys.argv[1:]  # the command, less its --note
+    notes = {j for i, x in enumerate(given) if x == "--note" for j in (i, i + 1)}
+    shown = [x for i, x in enumerate(given) if i not in notes and not x.startswith("--note=")]
+    command = "python benchmarks/few_step.py " + shlex.join(shown)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     work, out_dir = Path(args.work), Path(args.out_dir)
@@ -654,17 +654,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. Throughput, side by side in this process.
     print("throughput ...", flush=True)
-    runs = {f"digits-teacher-{k}": (str(t_dir), k) for k in nfes}
+    paths = {f"digits-teacher-{k}": (str(t_dir), k) for k in nfes}
 
     def sdir(data: str, div: str, k: int, seed: int) -> tuple[str, None]:
         return str(_student_dir(work, data, div, k, "iters", seed)), None
 
-    runs |= {f"digits-student-{k}": sdir("digits", divs[0], k, seeds[0]) for k in ks}
-    speed = measure_throughput(runs, args.time_n)
+    paths |= {f"digits-student-{k}": sdir("digits", divs[0], k, seeds[0]) for k in ks}
+    speed = rt.measure_throughput(paths, args.time_n)
     if mnist := _students(rows, "mnist"):
-        runs = {f"mnist-teacher-{REF_NFE}": (str(work / "mnist-teacher"), REF_NFE)}
-        runs |= {f"mnist-student-{r['k']}": sdir("mnist", r["div"], r["k"], 0) for r in mnist}
-        speed |= measure_throughput(runs, args.mnist_time_n)
+        paths = {f"mnist-teacher-{REF_NFE}": (str(work / "mnist-teacher"), REF_NFE)}
+        paths |= {f"mnist-student-{r['k']}": sdir("mnist", r["div"], r["k"], 0) for r in mnist}
+        speed |= rt.measure_throughput(paths, args.mnist_time_n)
 
     print(f"update cost: {args.cost_rounds} rounds of {cost_steps} steps per K ...", flush=True)
     cost = measure_update_cost(work, t_dir, ks, cost_steps, args.cost_rounds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,12 @@ def test_few_step_smoke(tmp_path):
     assert {f"digits-student-{k}" for k in (1, 2)} <= set(raw["speed"])
     text = (out_dir / "few_step.md").read_text()
     assert "| rkl | equal iterations | 2 |" in text and "| rkl | equal budget | 2 |" in text
-    assert "## Update cost against K = 1" in text and "| 2 | 1 |" in text
+    assert "## Update cost against K = 1" in text and "direct: CPU s / step" in text
+    assert re.search(r"(\d+) of \1 pairs logged identical records", text)  # same trajectory
+    cost = raw["args"]["cost"]
+    assert set(cost) == {1, 2} and all(
+        len(c["cpu"]) == 1 and c["wall"][0] > 0 for c in cost.values()
+    )
     assert "MNIST-5k not run" in text
     # A rerun reuses every student and the teacher: only the evaluation is repeated.
     again = mod.main(["--quick", "--jobs", "1", "--work", str(work), "--out-dir", str(out_dir),
