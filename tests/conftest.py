@@ -14,3 +14,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A 2-step digits teacher run (8 channels, batch 8) trained through the CLI, shared by the
+    tests that only need some teacher to distil."""
+    from fdistill.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_teacher") / "teacher"
+    args = ["train-teacher", "--out", str(out), "--steps", "2", "--batch", "8"]
+    assert main([*args, "--channels", "8", "--no-progress", "--device", "cpu"]) == 0
+    return out

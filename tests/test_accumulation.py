@@ -14,10 +14,8 @@ TINY = ["--channels", "8", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accum") / "teacher"
-    assert main(["train-teacher", "--out", str(out), "--steps", "2", "--batch", "8", *TINY]) == 0
-    return out
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 def _run(teacher, out, *extra):
