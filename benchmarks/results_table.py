@@ -61,6 +61,7 @@ from fdistill.data import load_dataset
 from fdistill.demo import DemoConfig, cached_teacher, distill_config, teacher_config
 from fdistill.divergences import NAMES
 from fdistill.evaluation import fid_against_stats, generate_samples
+from fdistill.methods.fdistill import resolved_levels
 from fdistill.metrics import (
     InceptionFeatures,
     evaluate_images,
@@ -159,12 +160,15 @@ def _cached_student(out: Path, cfg: DistillConfig, teacher_step: int) -> bool:
     def opts(o: dict) -> dict:
         return o | {"train": {k: v for k, v in o["train"].items() if k != "progress"}}
 
+    # runs record "auto" noise levels and ratio bins resolved for their teacher (EDM here)
+    levels, binning = resolved_levels(cfg.loss, discrete=False)
+    cfg = replace(cfg, loss=replace(cfg.loss, noise_levels=levels, ratio_binning=binning))
     want = json.loads(json.dumps(asdict(cfg), default=str))
     return (
         (out / "timing.json").is_file()
         and opts(saved["options"]) == opts(want)
         and saved["teacher"]["step"] == teacher_step
-        and load_checkpoint(out)["step"] >= cfg.train.steps
+        and load_checkpoint(out)["step"] == cfg.train.steps
     )
 
 
