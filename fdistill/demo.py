@@ -26,7 +26,7 @@ from fdistill.evaluation import generate_samples
 from fdistill.images import make_grid, save_image_grid
 from fdistill.metrics import evaluate_images
 from fdistill.models import load_run
-from fdistill.options import resumable_paths
+from fdistill.options import legacy_values, resumable_paths
 from fdistill.recipes import distill_run, train_teacher_run
 from fdistill.runs import (
     CHECKPOINT,
@@ -70,7 +70,9 @@ def cached_teacher(out: Path, tcfg: TeacherConfig) -> str:
         return "train"
     saved = read_config(out).get("options", {})
     # differs beyond what a resume may change (length, logging, grids)?
-    if option_differences(saved, asdict(tcfg), resumable_paths(TeacherConfig)):
+    if option_differences(
+        saved, asdict(tcfg), resumable_paths(TeacherConfig), legacy_values(TeacherConfig)
+    ):
         return "train"
     return "reuse" if load_checkpoint(out)["step"] >= tcfg.train.steps else "resume"
 
