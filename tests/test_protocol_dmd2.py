@@ -4,7 +4,6 @@ with the prefix against a float64 hand computation, and the streamed FID against
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -147,49 +146,6 @@ def test_draw_captions_from_a_text_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- CLIP with prefix
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    if not (FIXTURE / "tokenizer").is_dir():
-        pytest.skip(f"the fixture tokenizer is absent ({FIXTURE})")
-    text = dict(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=998,
-        eos_token_id=999,
-        pad_token_id=999,
-    )
-    vision = dict(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    d = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    transformers.CLIPModel(cfg).save_pretrained(d)
-    for f in (FIXTURE / "tokenizer").iterdir():
-        shutil.copy(f, d / f.name)
-    (d / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "crop_size": {"height": 32, "width": 32},
-                "size": {"shortest_edge": 32},
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-            }
-        )
-    )
-    return d
-
-
 def _hand_scores(path: Path, pixels: Tensor, ids: Tensor) -> Tensor:
     """float64 cosine of projected embeddings, pooled at the first end token by hand."""
     import transformers

@@ -307,51 +307,6 @@ def test_t2i_option_errors(sd, files, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- CLIP score
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    if not (FIXTURE / "tokenizer").is_dir():
-        pytest.skip(f"the fixture tokenizer is absent ({FIXTURE})")
-    text = dict(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=998,
-        eos_token_id=999,
-        pad_token_id=999,
-    )
-    vision = dict(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2
-    )
-    vision["num_attention_heads"] = 4
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    d = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    transformers.CLIPModel(cfg).save_pretrained(d)
-    for f in (FIXTURE / "tokenizer").iterdir():
-        shutil.copy(f, d / f.name)
-    (d / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "crop_size": {"height": 32, "width": 32},
-                "size": {"shortest_edge": 32},
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "do_resize": True,
-                "do_center_crop": True,
-                "do_normalize": True,
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "resample": 3,
-            }
-        )
-    )
-    return d
-
-
 def _hand_scores(path: Path, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """Cosine of projected CLIP embeddings, pooled and projected by hand in float64."""
     model = transformers.CLIPModel.from_pretrained(path).double().eval()
