@@ -6,13 +6,19 @@ convention ``x = x0 + sigma * eps``: it returns its estimate of ``E[x0 | x]``.
 ``[N]`` or ``[N, 1, ...]``).
 
 Networks that feed a discriminator head also take ``return_features``: ``False`` (just
-``x0``), ``True`` (``(x0, feats)`` from the same forward pass) or ``"only"`` (``feats``
-alone: the network stops at the deepest map it was asked for and skips the rest).
-``feats`` is a list of tensors, one per selected *tap* (see :class:`FeatureTaps`).
+``x0``), ``True`` (``(x0, feats)`` from the same forward pass), ``"only"`` (``feats``
+alone: the network stops at the deepest map it was asked for and skips the rest) or
+``"encoder_grad"`` (``(x0, feats)`` where autograd records the pass only up to the deepest
+selected map: the rest runs without a graph and ``x0`` comes back detached). The last is the
+generator update's: it needs gradients through the features (the GAN term) but uses ``x0``
+detached, so one pass replaces a features pass plus a no-grad pass, and no activations of the
+part after the taps are kept. ``feats`` is a list of tensors, one per selected *tap* (see
+:class:`FeatureTaps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -25,7 +31,39 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, sigma: float | Tensor, cond: Tensor | None = None) -> Tensor: ...
 
 
-Features = bool | Literal["only"]
+Features = bool | Literal["only", "encoder_grad"]
+FEATURE_MODES: tuple[Features, ...] = (False, True, "only", "encoder_grad")
+
+
+class GradUntilTaps:
+    """Grad mode of one forward pass: with ``return_features="encoder_grad"`` autograd stops
+    recording once :meth:`taps_done` is called (after the deepest selected tap); the caller's
+    grad mode comes back on exit. Other modes leave grad mode alone."""
+
+    def __init__(self, return_features: Features):
+        if return_features not in FEATURE_MODES:
+            raise ValueError(
+                f"return_features must be one of {FEATURE_MODES}, got {return_features!r}"
+            )
+        self.cut = return_features == "encoder_grad"
+        self.previous = True
+
+    def __enter__(self) -> GradUntilTaps:
+        self.previous = torch.is_grad_enabled()
+        return self
+
+    def taps_done(self) -> None:
+        if self.cut:
+            torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_grad_enabled(self.previous)
+
+
+def after_taps(return_features: Features) -> contextlib.AbstractContextManager:
+    """Context for the layers a network runs after its taps (output convolutions,
+    preconditioning): no graph with ``"encoder_grad"``, the caller's grad mode otherwise."""
+    return torch.no_grad() if return_features == "encoder_grad" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import Features
+from fdistill.denoisers.base import Features, after_taps
 from fdistill.denoisers.edm_layers import (
     Conv2d,
     EDMUNetBase,
@@ -156,7 +156,8 @@ class DhariwalUNet(EDMUNetBase):
         if return_features == "only":
             return run
         h, _, feats = run
-        out = self.out_conv(F.silu(self.out_norm(h)))
+        with after_taps(return_features):
+            out = self.out_conv(F.silu(self.out_norm(h)))
         return (out, feats) if return_features else out
 
 

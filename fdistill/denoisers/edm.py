@@ -6,7 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from fdistill import rng
-from fdistill.denoisers.base import DelegateFeatures, Features, sigma_batch, sigma_view
+from fdistill.denoisers.base import (
+    DelegateFeatures,
+    Features,
+    after_taps,
+    sigma_batch,
+    sigma_view,
+)
 
 
 class EDMPrecond(DelegateFeatures, nn.Module):
@@ -58,7 +64,8 @@ class EDMPrecond(DelegateFeatures, nn.Module):
         if return_features == "only":
             return out
         f, feats = out if return_features else (out, None)
-        x0 = (c_skip * x + c_out * f.to(torch.float32)).to(x.dtype)
+        with after_taps(return_features):
+            x0 = (c_skip * x + c_out * f.to(torch.float32)).to(x.dtype)
         return (x0, feats) if return_features else x0
 
 

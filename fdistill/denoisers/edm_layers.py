@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps
+from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps, GradUntilTaps
 
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
@@ -376,7 +376,14 @@ class EDMUNetBase(FeatureTaps, nn.Module):
     ) -> tuple[Tensor, Tensor | None, list[Tensor]] | list[Tensor]:
         """Run encoder and decoder: ``(x, aux, feats)``, or ``feats`` for ``"only"`` (stops
         right after the deepest selected tap). ``aux`` is the output of the decoder's
-        ``aux_*`` head (SongUNet), ``None`` where there is none."""
+        ``aux_*`` head (SongUNet), ``None`` where there is none. With ``"encoder_grad"`` the
+        rest after the deepest tap runs without a graph."""
+        with GradUntilTaps(return_features) as grad:
+            return self._unet_pass(x, emb, return_features, grad)
+
+    def _unet_pass(
+        self, x: Tensor, emb: Tensor, return_features: Features, grad: GradUntilTaps
+    ) -> tuple[Tensor, Tensor | None, list[Tensor]] | list[Tensor]:
         want = set(self.feature_taps) if return_features else set()
         only = return_features == "only"
         feats: list[Tensor] = []
@@ -386,6 +393,8 @@ class EDMUNetBase(FeatureTaps, nn.Module):
             if name in want:
                 feats.append(value)
                 want.discard(name)
+                if not want:
+                    grad.taps_done()
             return only and not want
 
         skips: list[Tensor] = []

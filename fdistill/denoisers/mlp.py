@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps
+from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps, after_taps
 from fdistill.denoisers.unet import FourierEmbedding
 
 
@@ -13,7 +13,8 @@ class MLP(FeatureTaps, nn.Module):
 
     Wrap it in :class:`~fdistill.denoisers.EDMPrecond` to get a denoiser. Its one feature tap,
     ``hidden``, is the last hidden activation [N, hidden]; ``return_features=True`` gives
-    ``(out, [hidden])``, ``"only"`` gives ``[hidden]`` without the output layer.
+    ``(out, [hidden])``, ``"only"`` gives ``[hidden]`` without the output layer and
+    ``"encoder_grad"`` runs the output layer without a graph.
     """
 
     def __init__(
@@ -52,5 +53,6 @@ class MLP(FeatureTaps, nn.Module):
             h = h + block(h + e)
         if return_features == "only":
             return [h]
-        out = self.out(h).reshape(x.shape)
+        with after_taps(return_features):
+            out = self.out(h).reshape(x.shape)
         return (out, [h]) if return_features else out

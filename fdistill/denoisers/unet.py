@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps
+from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps, GradUntilTaps
 
 
 def group_count(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
@@ -298,10 +298,33 @@ class UNet(FeatureTaps, nn.Module):
         return_features: Features = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]] | list[Tensor]:
         """``out`` [N, out_channels, H, W]; ``(out, feats)`` with the selected feature maps; or
-        ``feats`` alone for ``return_features="only"`` (stops after the deepest selected tap)."""
+        ``feats`` alone for ``return_features="only"`` (stops after the deepest selected tap).
+        With ``"encoder_grad"`` the layers after the deepest tap run without a graph."""
+        with GradUntilTaps(return_features) as grad:
+            return self._forward(x, c_noise, cond, return_features, grad)
+
+    def _forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        cond: Tensor | None,
+        return_features: Features,
+        grad: GradUntilTaps,
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | list[Tensor]:
         want = self.feature_taps if return_features else ()
-        last = want[-1] if return_features == "only" else None
+        only = return_features == "only"
         got: dict[str, Tensor] = {}
+
+        def tap(name: str, value: Tensor) -> bool:
+            """Keep ``value`` if selected; True when ``"only"`` has everything it needs."""
+            if name not in want:
+                return False
+            got[name] = value
+            if name == want[-1]:
+                grad.taps_done()
+                return only
+            return False
+
         emb = self.embed(c_noise.reshape(-1).expand(x.shape[0]), cond).to(x.dtype)
         h = self.conv_in(x)
         skips = [h]
@@ -309,17 +332,12 @@ class UNet(FeatureTaps, nn.Module):
             if blk is not None:
                 h = blk(h, emb)
                 skips.append(h)
-            name = self._enc_taps[i]
-            if name in want:
-                got[name] = h
-                if name == last:
-                    return [got[n] for n in want]
+            if tap(self._enc_taps[i], h):
+                return [got[n] for n in want]
         for blk in self.mid:
             h = blk(h, emb)
-        if "mid" in want:
-            got["mid"] = h
-            if last == "mid":
-                return [got[n] for n in want]
+        if tap("mid", h):
+            return [got[n] for n in want]
         for blk in self.dec:
             if blk.resample != "up":
                 h = torch.cat([h, skips.pop()], dim=1)

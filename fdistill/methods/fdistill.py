@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fdistill import rng
 from fdistill.critic import MultiScaleHead, feature_taps_of
-from fdistill.denoisers.base import sigma_view
+from fdistill.denoisers.base import Features, sigma_view
 from fdistill.divergences import Divergence
 from fdistill.generator import Student
 from fdistill.loss import (
@@ -355,10 +355,11 @@ class FDistill(Method):
         the Karras grid, extremes excluded, or uniform timesteps of a discrete-time teacher."""
         return self.levels.sample(n, generator)
 
-    def _teacher(self, x_t: Tensor, sigma: Tensor, cond: Tensor | None, features: bool):
-        """Teacher denoiser with optional classifier-free guidance, features from the cond pass."""
+    def _teacher(self, x_t: Tensor, sigma: Tensor, cond: Tensor | None, features: Features):
+        """Teacher denoiser with optional classifier-free guidance, features from the cond pass
+        (``features``: a ``return_features`` mode; False for none)."""
         out = (
-            self.teacher(x_t, sigma, cond, return_features=True)
+            self.teacher(x_t, sigma, cond, return_features=features)
             if features
             else (self.teacher(x_t, sigma, cond), None)
         )
@@ -467,30 +468,32 @@ class FDistill(Method):
         """h-weighted distribution matching loss + GAN term, at one ``(x_t, sigma)`` per sample.
 
         The teacher's and fake score's denoised estimates and the discriminator's log-ratio
-        all come from the same noised student sample. Without the GAN term the features come
-        from the denoising passes themselves; with it, only the feature network's encoder runs
-        with a graph (the denoised estimates enter the loss detached), so the decoders keep no
-        activations for a backward pass that never reaches them. Statistics include the spread
-        of the weights: ``h_min``, ``h_mean``, ``h_max`` and ``h_cv`` (std / mean).
+        all come from the same noised student sample, one pass of each network: the features
+        come from the denoising pass of the feature network (the teacher's, or the fake
+        score's for ``disc_features="fake"``). With the GAN term that pass keeps a graph only
+        up to its deepest tap (``return_features="encoder_grad"``): the denoised estimates
+        enter the loss detached, so nothing after the taps keeps activations for a backward
+        pass that never reaches it. Statistics include the spread of the weights: ``h_min``,
+        ``h_mean``, ``h_max`` and ``h_cv`` (std / mean).
         """
         x = self.student_sample(z, cond, generator, x_student)
         n = x.shape[0]
         sigma = self.sample_sigma(n, generator).to(x.dtype)
         x_t = self._noise(x.detach(), sigma, generator)
         gan = self.cfg.gan_weight > 0
-        use_fake = self.cfg.disc_features == "fake"
         if gan:  # the GAN term needs d logit / d x: route x_t through the graph
             x_t = x_t + (x - x.detach())
-        feature_net = self.fake_score if use_fake else self.teacher
-        with frozen(self.fake_score, self.head):
-            if gan:
-                logit = self.head(feature_net(x_t, sigma, cond, return_features="only"))
-            with torch.no_grad():
-                d_teacher, t_feats = self._teacher(x_t, sigma, cond, features=not (gan or use_fake))
-                out = self.fake_score(x_t, sigma, cond, return_features=use_fake and not gan)
-                d_fake, f_feats = out if use_fake and not gan else (out, None)
-                if not gan:
-                    logit = self.head(f_feats if use_fake else t_feats)
+        mode = "encoder_grad" if gan else True
+        with frozen(self.fake_score, self.head), torch.set_grad_enabled(gan):
+            if self.cfg.disc_features == "fake":
+                d_fake, feats = self.fake_score(x_t, sigma, cond, return_features=mode)
+                with torch.no_grad():
+                    d_teacher, _ = self._teacher(x_t, sigma, cond, features=False)
+            else:
+                d_teacher, feats = self._teacher(x_t, sigma, cond, features=mode)
+                with torch.no_grad():
+                    d_fake = self.fake_score(x_t, sigma, cond)
+            logit = self.head(feats)
         h = self.weights(logit.detach(), sigma)
         loss = distribution_matching_loss(
             x, d_teacher.detach(), d_fake.detach(), h, sigma, self.cfg.weighting

@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import FeatureMap, Features, FeatureTaps, sigma_batch
+from fdistill.denoisers.base import (
+    FeatureMap,
+    Features,
+    FeatureTaps,
+    GradUntilTaps,
+    after_taps,
+    sigma_batch,
+)
 from fdistill.userfiles import UserFileError, parse_json, read_json, user_file
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -282,19 +289,23 @@ class DiffusersDenoiserBase(nn.Module, FeatureTaps):
         taps = self._taps()
         got: dict[str, Tensor] = {}
         only = return_features == "only"
+        grad = GradUntilTaps(return_features)
 
         def hook_for(name: str, extract: Callable):
             def hook(module, args, output):
                 got[name] = extract(output)
-                if only and name == names[-1]:
-                    raise _StopForward
+                if name == names[-1]:
+                    grad.taps_done()
+                    if only:
+                        raise _StopForward
 
             return hook
 
         handles = [taps[n][0].register_forward_hook(hook_for(n, taps[n][1])) for n in names]
         out = None
         try:
-            out = fn()
+            with grad:
+                out = fn()
         except _StopForward:
             pass
         finally:
@@ -326,14 +337,15 @@ class DiffusersDenoiserBase(nn.Module, FeatureTaps):
         out, feats = self._run(lambda: self._call_unet(x_in, t, c), return_features)
         if return_features == "only":
             return feats
-        f = out.to(hp)
-        if self.prediction_type == "epsilon":
-            x0 = xh - sv * f
-        elif self.prediction_type == "v_prediction":
-            x0 = xh * c_in * c_in - sv * c_in * f
-        else:
-            x0 = f
-        x0 = x0.to(x.dtype)
+        with after_taps(return_features):
+            f = out.to(hp)
+            if self.prediction_type == "epsilon":
+                x0 = xh - sv * f
+            elif self.prediction_type == "v_prediction":
+                x0 = xh * c_in * c_in - sv * c_in * f
+            else:
+                x0 = f
+            x0 = x0.to(x.dtype)
         return (x0, feats) if return_features else x0
 
 
