@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import peak_bytes, state_bytes, timed  # noqa: E402
+from step_cost import engine_update, peak_bytes, state_bytes, timed  # noqa: E402
 
 from fdistill.denoisers import EDMLoss  # noqa: E402
 from fdistill.denoisers.registry import build_denoiser  # noqa: E402
@@ -247,8 +247,7 @@ class PresetBench:
 
     def critic_update(self) -> None:
         """One critic update of the engine (fake score and heads, the preset's R1)."""
-        with self.engine.running():
-            self.engine.update(self.engine.phase("critic"), 1)
+        engine_update(self.engine, "critic")
 
     def critic_update_without_r1(self) -> None:
         """A critic update with the R1 penalty off (to attribute its cost)."""
@@ -261,8 +260,7 @@ class PresetBench:
 
     def generator_update(self) -> None:
         """One generator update of the engine."""
-        with self.engine.running():
-            self.engine.update(self.engine.phase("generator"), 1)
+        engine_update(self.engine, "generator")
 
     def resident(self) -> dict[str, int]:
         """Weights + AdamW moments held during each kind of update."""

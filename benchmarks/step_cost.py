@@ -4,14 +4,32 @@ DESIGN.md section 4: a distillation iteration (critic and generator updates in t
 ratio, averaged per update) should cost at most 1.5x a teacher-training step (EDM loss,
 forward + backward + optimiser) at the same batch; a generator update should peak at most
 1.3x the memory of a teacher step; one-step sampling should be at least 30x faster than
-35-NFE Heun. All are measured side by side in one process, on the same UNet and batch, with
-the library's own update (:func:`fdistill.training.optimizer_step`: backward, gradient norm,
-clipping, AdamW). Timings interleave the three kinds of update and report medians.
+35-NFE Heun. All are measured side by side in one process, on the same UNet and batch.
+
+Every update timed or profiled is the training engine's own (:meth:`fdistill.engine.Engine.update`,
+the update :func:`fdistill.engine.train` runs: loss, backward, NaN/Inf guard, gradient norm,
+clipping, fused AdamW), on the objects the commands build:
+
+* teacher step: the ``denoise`` phase of :class:`fdistill.methods.Denoising` with
+  ``train-teacher``'s EDM loss and optimiser settings, training its own copy of the network;
+* critic update and generator update: the ``critic`` and ``generator`` phases of the
+  :class:`fdistill.methods.FDistill` that ``fdistill distill`` builds from the teacher
+  (:func:`fdistill.recipes.build_distill`; ``distill``'s defaults except the options below:
+  JS divergence, discriminator heads on every encoder map of the ``--disc-features`` network).
+
+The teacher is the UNet ``train-teacher`` builds for these sizes
+(:func:`fdistill.config.default_model`) with random weights, every parameter perturbed by
+``N(0, 0.02^2)`` so no layer is exactly zero; real data is a fixed random batch, latents come
+from the student's own sampler. Timings interleave the three kinds of update and report
+medians. ``--bf16`` is the engine's bfloat16 autocast (``--bf16`` of the commands: CPU or CUDA).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated``; on a CPU the allocations the PyTorch
 profiler records. "transient" is what an update allocates on top of the resident state
-(activations, gradients, temporaries); "resident" is weights + AdamW state of what the update
-keeps in memory (teacher step: one network; distillation: teacher, student, fake score, head).
+(activations, gradients, temporaries), measured with no gradients held (an engine update
+leaves its gradients in place until the next one: they are dropped first); "resident" is
+weights + AdamW state of what the update keeps in memory (teacher step: one network;
+distillation: teacher, student, fake score, head). The EMA copy the engine also keeps (one
+network in either run) is not counted.
 
     python benchmarks/step_cost.py                        # CPU, 32x32 RGB, batch 16
     python benchmarks/step_cost.py --device cuda --batch 128 --model-channels 128
@@ -20,25 +38,34 @@ keeps in memory (teacher step: one network; distillation: teacher, student, fake
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
 
-from fdistill.critic import MultiScaleHead
-from fdistill.denoisers import EDMLoss, EDMPrecond, UNet
-from fdistill.distill import FDistill, LossConfig
-from fdistill.divergences import get_divergence
+from fdistill.conditioning import Conditioning, student_inputs
+from fdistill.config import DistillConfig, TeacherConfig, default_model
+from fdistill.denoisers import EDMLoss
+from fdistill.denoisers.registry import build_denoiser, copy_denoiser
+from fdistill.engine import Dist, Engine, LoopConfig, make_batch_randoms
 from fdistill.generator import OneStepGenerator
-from fdistill.pipeline import DistillConfig
+from fdistill.methods import Denoising, Inputs, Method
+from fdistill.methods.fdistill import resolved_levels
+from fdistill.recipes import build_distill
 from fdistill.samplers import heun_sampler
-from fdistill.training import optimizer_step
+from fdistill.teachers.registry import TeacherInfo
+
+WEIGHT_NOISE = 0.02
+KINDS = ("teacher", "critic", "generator")
+"""The kinds of update measured: the engine phases ``denoise`` (teacher training), ``critic``
+and ``generator`` (distillation)."""
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--channels", type=int, default=3, help="image channels")
@@ -53,8 +80,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bf16", action="store_true", help="autocast bfloat16 (CUDA)")
-    return p.parse_args()
+    p.add_argument(
+        "--bf16", action="store_true", help="the engine's bfloat16 autocast (CPU or CUDA)"
+    )
+    return p.parse_args(argv)
 
 
 def _ints(text: str) -> list[int]:
@@ -102,93 +131,134 @@ def state_bytes(*modules: nn.Module, trained: tuple[nn.Module, ...] = ()) -> int
     return size + 2 * sum(p.numel() * p.element_size() for m in trained for p in m.parameters())
 
 
+# --------------------------------------------------------------------------- the engine
+def engine_update(engine: Engine, phase: str, step: int = 1) -> dict:
+    """One optimiser update of ``engine``'s phase ``phase`` exactly as :func:`fdistill.engine.train`
+    runs it, the method's trained modules in place as during training; its statistics."""
+    with engine.running():
+        return engine.update(engine.phase(phase), step)
+
+
+def drop_grads(*engines: Engine) -> None:
+    """Free the gradients the engines' optimisers hold (an update leaves its own in place)."""
+    for engine in engines:
+        for opt in engine.opts.values():
+            opt.zero_grad(set_to_none=True)
+
+
+def random_teacher(args: argparse.Namespace) -> nn.Module:
+    """The UNet ``train-teacher`` builds for these sizes, random weights plus ``N(0, 0.02^2)`` on
+    every parameter (no exactly-zero layers, as in a trained network), with the ``.info`` of a
+    loaded teacher run (unconditional; ``train-teacher``'s sampling range)."""
+    shape = (args.channels, args.resolution, args.resolution)
+    config = default_model(
+        "unet",
+        shape,
+        0,
+        model_channels=args.model_channels,
+        channel_mult=_ints(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=_ints(args.attn),
+    )
+    torch.manual_seed(0)
+    teacher = build_denoiser(config)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(WEIGHT_NOISE * torch.randn_like(p))
+    defaults = TeacherConfig()
+    teacher.info = TeacherInfo(
+        family="random",
+        shape=shape,
+        num_classes=0,
+        sigma_min=defaults.sigma_min,
+        sigma_max=defaults.sigma_max,
+        sigma_data=config["sigma_data"],
+        details={"model": config, "weights": f"init + N(0, {WEIGHT_NOISE}^2)"},
+    )
+    return teacher
+
+
 class Bench:
-    """The network, data and teacher-training step shared by every measurement."""
+    """The teacher, data and teacher-training engine shared by every measurement."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.device = args, torch.device(args.device)
-        torch.manual_seed(0)
-        res, ch = args.resolution, args.channels
-        net = UNet(
-            res,
-            ch,
-            model_channels=args.model_channels,
-            channel_mult=_ints(args.channel_mult),
-            num_blocks=args.num_blocks,
-            attn_resolutions=_ints(args.attn),
-        )
-        with torch.no_grad():  # a trained-looking network: no exactly-zero layers
-            for p in net.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        self.teacher = EDMPrecond(net).to(self.device)
+        self.ddp = Dist(device=self.device)
+        self.teacher = random_teacher(args).to(self.device)
+        info = self.teacher.info
         self.gen = torch.Generator(device=self.device).manual_seed(0)
-        self.shape = (args.batch, ch, res, res)
+        self.shape = (args.batch, *info.shape)
         self.x_real = torch.rand(self.shape, device=self.device, generator=self.gen) * 2 - 1
-        # The teacher step trains its own copy of the network, so nothing is shared.
-        self.tnet = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.t_params = list(self.tnet.parameters())
-        self.t_opt = torch.optim.AdamW(self.t_params, lr=1e-4)
-        self.edm = EDMLoss()
+        latents = student_inputs(info.shape, Conditioning(), self.device)
+        self.inputs = Inputs(real=lambda n, gen: (self.x_real[:n], None), latents=latents)
+        # Teacher training as train-teacher sets it up, of its own copy of the network (so
+        # nothing is shared with the distillation's frozen teacher).
+        tc = TeacherConfig()
+        net = copy_denoiser(self.teacher, inference=False).to(self.device)
+        loss = EDMLoss(tc.p_mean, tc.p_std, info.sigma_data)
+        self.teacher_engine = self.engine(Denoising(net, loss), replace(tc.train, **self.loop()))
+        self.teacher_step = partial(engine_update, self.teacher_engine, "denoise")
 
-    def autocast(self):
-        on = self.args.bf16 and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+    def loop(self) -> dict:
+        """The loop settings this benchmark sets in both kinds of run."""
+        return {"batch": self.args.batch, "bf16": self.args.bf16, "progress": False}
+
+    def engine(self, method: Method, cfg: LoopConfig) -> Engine:
+        """``method`` set up in the engine as :func:`fdistill.engine.train` does on one process,
+        with the random streams the commands draw from."""
+        gens = make_batch_randoms(cfg.seed, self.ddp)
+        return Engine(method, self.inputs, cfg, ddp=self.ddp, gens=gens)
 
     def latents(self) -> torch.Tensor:
         return torch.randn(self.shape, device=self.device, generator=self.gen)
 
-    def teacher_step(self) -> None:
-        with self.autocast():
-            loss = self.edm(self.tnet, self.x_real, generator=self.gen).mean()
-        optimizer_step(self.t_opt, self.t_params, loss, {}, step=1, grad_clip=10.0, world=1)
+    def distill_engine(self, feats: str) -> Engine:
+        """The f-distill method ``fdistill distill`` builds from the teacher (``distill``'s
+        defaults, this benchmark's GAN weight, critic ratio and feature network), in the engine."""
+        args, base = self.args, DistillConfig()
+        cfg = replace(
+            base,
+            loss=replace(base.loss, gan_weight=args.gan_weight, disc_features=feats),
+            train=replace(base.train, critic_ratio=args.critic_ratio, **self.loop()),
+        )
+        levels, binning = resolved_levels(cfg.loss, self.teacher.info.schedule is not None)
+        cfg = replace(cfg, loss=replace(cfg.loss, noise_levels=levels, ratio_binning=binning))
+        torch.manual_seed(cfg.train.seed)  # the head's initialisation, as distill seeds it
+        model = build_distill(cfg, self.teacher).to(self.device)
+        return self.engine(model, cfg.train)
 
     def distill(self, feats: str) -> dict:
         """Timings (medians, seconds) and peak memory of teacher step, critic and generator."""
-        args, dev, teacher = self.args, self.device, self.teacher
-        model = FDistill(
-            teacher,
-            OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True)),
-            copy.deepcopy(teacher).requires_grad_(True),
-            MultiScaleHead.for_network(teacher, hidden=DistillConfig().head_hidden),
-            get_divergence("js"),
-            LossConfig(gan_weight=args.gan_weight, disc_features=feats),
-        ).to(dev)
-        g_params, c_params = list(model.generator.parameters()), model.critic_parameters()
-        opt_g = torch.optim.AdamW(g_params, lr=1e-4)
-        opt_c = torch.optim.AdamW(c_params, lr=1e-4)
-
-        def critic_update():
-            with self.autocast():
-                loss, st = model.critic_loss(self.latents(), None, self.x_real, None, self.gen)
-            optimizer_step(opt_c, c_params, loss, st, step=1, grad_clip=10.0, world=1)
-
-        def generator_update():
-            with self.autocast():
-                loss, st = model.generator_loss(self.latents(), None, self.gen)
-            optimizer_step(opt_g, g_params, loss, st, step=1, grad_clip=10.0, world=1)
-
+        args, dev = self.args, self.device
+        engine = self.distill_engine(feats)
+        model = engine.method
+        run = {
+            "teacher": self.teacher_step,
+            "critic": partial(engine_update, engine, "critic"),
+            "generator": partial(engine_update, engine, "generator"),
+        }
         k = args.critic_ratio
-        times: dict[str, list[float]] = {"teacher": [], "critic": [], "generator": []}
+        times: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for r in range(args.rounds + 1):  # round 0 warms up (allocator, AdamW state)
-            t = {"teacher": timed(self.teacher_step, dev)}
-            t["critic"] = statistics.mean(timed(critic_update, dev) for _ in range(k))
-            t["generator"] = timed(generator_update, dev)
+            t = {"teacher": timed(run["teacher"], dev)}
+            t["critic"] = statistics.mean(timed(run["critic"], dev) for _ in range(k))
+            t["generator"] = timed(run["generator"], dev)
             for name, v in t.items():
                 times[name] += [v] if r else []
         med = {name: statistics.median(v) for name, v in times.items()}
 
-        for opt in (self.t_opt, opt_c, opt_g):  # measure from a state without gradients
-            opt.zero_grad(set_to_none=True)
-        mem = {"teacher": peak_bytes(self.teacher_step, dev)}
-        mem["critic"] = peak_bytes(critic_update, dev)
-        mem["generator"] = peak_bytes(generator_update, dev)
-        self.t_opt.zero_grad(set_to_none=True)
-        trained = (model.generator, model.fake_score, model.head)
+        mem = {}
+        for kind in KINDS:  # each measured from a state without gradients
+            drop_grads(self.teacher_engine, engine)
+            mem[kind] = peak_bytes(run[kind], dev)
+        drop_grads(self.teacher_engine, engine)
+        trained = tuple(getattr(model, name) for name in model.trained)
+        net = self.teacher_engine.method.net
         return {
             "time": med,
             "per_update": (k * med["critic"] + med["generator"]) / (k + 1),
             "mem": mem,
-            "resident_teacher": state_bytes(self.tnet, trained=(self.tnet,)),
+            "resident_teacher": state_bytes(net, trained=(net,)),
             "resident_distill": state_bytes(model.teacher, *trained, trained=trained),
         }
 
@@ -215,8 +285,10 @@ class Bench:
         return statistics.median(full[1:]), statistics.median(enc[1:])
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    """Measure, print the tables; the measurements (``rows`` by feature network, ``sampling``:
+    seconds of one step and of 35-NFE Heun, ``forward``: full and feature-only forward)."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     bench = Bench(args)
     n_params = sum(p.numel() for p in bench.teacher.parameters())
@@ -279,6 +351,7 @@ def main() -> None:
         f"\nsampling, batch {args.batch}: one step {t_one * 1e3:.2f} ms, 35-NFE Heun "
         f"{t_heun * 1e3:.1f} ms -> **{t_heun / t_one:.1f}x** faster (target >= 30, limit 35)"
     )
+    return {"rows": rows, "sampling": (t_one, t_heun), "forward": (f_full, f_enc)}
 
 
 if __name__ == "__main__":

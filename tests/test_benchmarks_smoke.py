@@ -1,4 +1,5 @@
-"""Smoke runs of the discriminator and imbalanced-classes benchmarks at toy sizes.
+"""Smoke runs of the benchmarks at toy sizes (discriminator, imbalanced classes, results table,
+engine overhead, few-step students, step cost).
 
 They check that the scripts run end to end on the library as it is and write their reports;
 the numbers themselves are measured by running the scripts (benchmarks/results/).
@@ -9,9 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -182,3 +185,54 @@ def test_few_step_smoke(tmp_path):
                       "--teacher-steps", "10", "--distill-steps", "2", "--n", "100",
                       "--time-n", "20", "--nfes", "1", "--divergences", "rkl"])  # fmt: skip
     assert all(r["reused"] for r in again["rows"] if r["kind"] == "student")
+
+
+@pytest.mark.slow
+def test_step_cost_smoke(monkeypatch, capsys):
+    """step_cost at tiny sizes: every update it times or profiles is the engine's own update
+    (``Engine.update``, counted here) of the methods the commands build, and it prints its
+    tables."""
+    from fdistill.engine import Engine
+
+    mod = _load("step_cost")
+    calls: Counter = Counter()
+    update = Engine.update
+
+    def counted(self, phase, step):
+        calls[type(self.method).__name__, phase.name] += 1
+        return update(self, phase, step)
+
+    monkeypatch.setattr(Engine, "update", counted)
+    threads = torch.get_num_threads()
+    try:
+        out = mod.main(
+            [
+                "--resolution", "8",
+                "--model-channels", "8",
+                "--channel-mult", "1,1",
+                "--attn", "4",
+                "--batch", "2",
+                "--critic-ratio", "2",
+                "--rounds", "1",
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    # Per feature network (teacher, fake): a warm-up and one timed round of 1 teacher step,
+    # k = 2 critic updates and 1 generator update, then one profiled update of each kind.
+    assert calls == {
+        ("Denoising", "denoise"): 2 * 3,
+        ("FDistill", "critic"): 2 * (2 * 2 + 1),
+        ("FDistill", "generator"): 2 * 3,
+    }
+    rows = out["rows"]
+    assert set(rows) == {"teacher", "fake"}
+    for r in rows.values():
+        assert set(r["time"]) == set(r["mem"]) == {"teacher", "critic", "generator"}
+        assert all(v > 0 for v in (*r["time"].values(), *r["mem"].values()))
+        assert r["resident_distill"] > r["resident_teacher"] > 0
+    t_one, t_heun = out["sampling"]
+    assert 0 < t_one < t_heun
+    text = capsys.readouterr().out
+    assert "| disc features | teacher step | critic update | generator update |" in text
+    assert "| teacher |" in text and "| fake |" in text and "35-NFE Heun" in text
