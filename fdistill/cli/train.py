@@ -67,12 +67,24 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
         help="ratio of the largest to the smallest mode weight",
     )
     p.add_argument("--no-normalize", action="store_true", help="disable two-stage normalisation")
+    p.add_argument(
+        "--hidden", type=int, default=None, help="MLP width (default 64; 128 before 2026-12)"
+    )
+    p.add_argument(
+        "--depth", type=int, default=None, help="MLP residual blocks (default 2; 3 before 2026-12)"
+    )
     p.add_argument("--out", default="runs/toy", help="output folder")
     p.set_defaults(func=run_toy)
 
 
 def run_toy(args: argparse.Namespace) -> int:
     cfg = toy.ToyConfig(divergence=args.divergence, alpha=args.alpha)
+    for key in ("hidden", "depth"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{key} must be >= 1, got {value}")
+            cfg = replace(cfg, **{key: value})
     train = {"seed": args.seed}
     for key, attr in (("steps", "steps"), ("batch", "batch"), ("critic_ratio", "critic_ratio")):
         if getattr(args, key) is not None:
