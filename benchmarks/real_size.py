@@ -8,7 +8,9 @@ applies the preset (:func:`fdistill.pipeline.apply_preset`: discriminator taps, 
 critic ratio, GAN weight, R1) through :func:`fdistill.pipeline.build_distill`, and measures at
 a small batch, the way ``benchmarks/step_cost.py`` does:
 
-* teacher step: EDM loss forward + backward + AdamW (:func:`fdistill.training.optimizer_step`);
+* teacher step: one update of the engine running teacher training
+  (:class:`fdistill.methods.Denoising`: EDM loss forward + backward + AdamW, the update
+  ``train-teacher`` runs);
 * critic update and generator update of :class:`fdistill.methods.FDistill`, each one update
   of the training engine (:meth:`fdistill.engine.Engine.update`: the code ``distill`` runs);
 * distillation update = ``(k * critic + generator) / (k + 1)`` at the preset's ratio ``k``,
@@ -16,8 +18,8 @@ a small batch, the way ``benchmarks/step_cost.py`` does:
 * peak memory of a generator update against a teacher step: what the update allocates on top
   of the resident state (PyTorch profiler, ``step_cost.peak_bytes``), and resident + transient.
 
-The teacher step trains the teacher network itself (its own AdamW; dropout on, as in EDM
-training) and the distillation freezes it again, so ImageNet-64 needs no fourth copy of 296M
+The teacher step trains the teacher network itself (its own engine and AdamW; dropout on, as
+in EDM training) and the distillation freezes it again, so ImageNet-64 needs no fourth copy of 296M
 weights. Rounds interleave teacher step, critic update and generator update after a warm-up
 round (AdamW state, allocator); timings are medians. ``--timeout`` bounds the whole run: a
 measurement that would not finish in time is skipped (or stopped) and its cell printed as
@@ -47,17 +49,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import engine_update, peak_bytes, state_bytes, timed  # noqa: E402
+from step_cost import drop_grads, engine_update, peak_bytes, state_bytes, timed  # noqa: E402
 
+from fdistill.config import PRESETS, DistillConfig, apply_preset  # noqa: E402
 from fdistill.denoisers import EDMLoss  # noqa: E402
 from fdistill.denoisers.registry import build_denoiser  # noqa: E402
 from fdistill.denoisers.songunet import edm_preset_kwargs  # noqa: E402
 from fdistill.distill import FDistill  # noqa: E402
-from fdistill.engine import Engine  # noqa: E402
-from fdistill.methods import Inputs  # noqa: E402
-from fdistill.pipeline import PRESETS, DistillConfig, apply_preset, build_distill  # noqa: E402
+from fdistill.engine import Engine, TeacherTrainConfig  # noqa: E402
+from fdistill.methods import Denoising, Inputs  # noqa: E402
+from fdistill.recipes import build_distill  # noqa: E402
 from fdistill.teachers.registry import TeacherInfo  # noqa: E402
-from fdistill.training import optimizer_step  # noqa: E402
 
 # Parameter counts of the published networks, as published (two decimals, in millions).
 PUBLISHED = {"cifar10": 55.73e6, "imagenet64": 295.90e6}
@@ -65,7 +67,6 @@ NETWORK_NAMES = {"cifar10": "DDPM++ (SongUNet)", "imagenet64": "ADM (DhariwalUNe
 DEFAULT_BATCH = {"cifar10": 2, "imagenet64": 1}
 DEFAULT_REPS = {"cifar10": 3, "imagenet64": 3}  # the --timeout guard may cut them
 WEIGHT_NOISE = 0.02
-GRAD_CLIP = 10.0
 MIB = 2**20
 
 
@@ -203,10 +204,13 @@ class PresetBench:
         self.shape = (batch, *info.shape)
         self.x_real = torch.rand(self.shape, generator=self.gen) * 2 - 1
         self.num_classes = info.num_classes
-        self.t_params = list(self.teacher.parameters())
-        self.t_opt = torch.optim.AdamW(self.t_params, lr=self.cfg.train.lr_critic)
-        self.edm = EDMLoss()
         self.model: FDistill | None = None
+        # Teacher training of the teacher itself, set up in the engine as train-teacher does
+        # (the Denoising method, EDM loss; its EMA copy is outside the update and not timed).
+        real = Inputs(real=lambda n, gen: (self.x_real[:n], self.labels()), latents=None)
+        loop = replace(TeacherTrainConfig(), batch=batch, batch_gpu=None, progress=False)
+        streams = {"data": self.gen, "noise": self.gen}
+        self.teacher_engine = Engine(Denoising(self.teacher, EDMLoss()), real, loop, gens=streams)
 
     def labels(self) -> torch.Tensor | None:
         if not self.num_classes:
@@ -214,18 +218,16 @@ class PresetBench:
         return torch.randint(self.num_classes, (self.batch,), generator=self.gen)
 
     def teacher_step(self) -> None:
-        """EDM training step of the teacher network itself (dropout on); frozen again after."""
+        """One teacher-training update of the engine on the teacher network itself (dropout
+        on, as in training); frozen again after, gradients dropped."""
         teacher = self.teacher
         was_training = teacher.training
         teacher.train().requires_grad_(True)
         try:
-            loss = self.edm(teacher, self.x_real, self.labels(), generator=self.gen).mean()
-            optimizer_step(
-                self.t_opt, self.t_params, loss, {}, step=1, grad_clip=GRAD_CLIP, world=1
-            )
+            engine_update(self.teacher_engine, "denoise")
         finally:
             teacher.requires_grad_(self.model is None).train(was_training)
-            self.t_opt.zero_grad(set_to_none=True)
+            drop_grads(self.teacher_engine)
 
     def build_model(self) -> FDistill:
         """Student, fake score and heads from the teacher, with the preset applied, set up in
@@ -261,6 +263,10 @@ class PresetBench:
     def generator_update(self) -> None:
         """One generator update of the engine."""
         engine_update(self.engine, "generator")
+
+    def drop_grads(self) -> None:
+        """No gradients resident (an engine update leaves its own until the next one)."""
+        drop_grads(self.teacher_engine, *([self.engine] if self.model is not None else []))
 
     def resident(self) -> dict[str, int]:
         """Weights + AdamW moments held during each kind of update."""
@@ -356,6 +362,7 @@ def measure(
             if not budget.fits(2 * last[kind]):
                 raise OutOfTime
             with budget.guard():
+                bench.drop_grads()
                 res.mem[kind] = peak_bytes(run[kind], torch.device("cpu"))
             report(f"{preset}: {kind} transient peak {res.mem[kind] / MIB:.0f} MiB")
     except OutOfTime:
