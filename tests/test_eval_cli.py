@@ -30,8 +30,10 @@ from fdistill.metrics.fid import (
 from fdistill.pipeline import load_run, sample_run
 
 TINY = ["--channels", "8", "--no-progress", "--seed", "0", "--device", "cpu"]
+# One result schema for every source (fdistill.evaluation.RESULT_KEYS); None where not applicable.
 TOP_KEYS = {"source", "n", "seed", "reference", "num_reference", "ref_stats", "classifier"}
-TOP_KEYS |= {"generation", "metrics"}
+TOP_KEYS |= {"generation", "metrics", "notes", "protocol", "protocol_settings", "captions"}
+TOP_KEYS |= {"captions_drawn", "clip_model", "resolution"}
 METRIC_KEYS = {"num_fake", "num_real", "notes", "cfid", "cprecision", "crecall"}
 METRIC_KEYS |= {"class_hist", "class_coverage", "class_tv_uniform", "class_tv_data"}
 METRIC_KEYS |= {"mean_confidence", "mean_confidence_real"}

@@ -129,24 +129,28 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="metrics of a student run, a teacher run or a data set",
-        description="Sample --n images (a student in one step, a teacher with Heun at --nfe "
+        description="Sample --n images (a student in its steps, a teacher with Heun at --nfe "
         "calls; a data set gives its first --n images) and measure them against a reference "
         "data set (default: the run's training data): classifier FID, k-NN precision/recall, "
-        "class coverage, and Inception FID when a detector is given or found. Prints a table "
-        "with the generation throughput and writes JSON to --out.",
+        "class coverage, and Inception FID when a detector is given or found. Text-to-image "
+        "models (one image per --captions line) and captioned image folders get CLIP score "
+        "and zero-shot FID. Prints a table with the generation throughput and writes JSON to "
+        "--out.",
     )
     p.add_argument(
         "--ckpt",
         required=True,
-        help="student or teacher run folder, checkpoint file, or data set "
-        "(digits, mnist, a folder, .npz, .zip)",
+        help="student or teacher run folder, checkpoint file, export, pipeline, or data set "
+        "(digits, mnist, a folder, .npz, .zip; a folder with captions.jsonl is captioned)",
     )
     p.add_argument(
         "--metrics",
         help="any of fid,pr,classes (default all); text-to-image: fid,clip (default: those "
         "--ref / --clip allow)",
     )
-    p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
+    p.add_argument(
+        "--n", type=int, help="number of samples (default 10000; --protocol dmd2: 30000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--nfe", type=int, help="teacher: Heun denoiser calls (default 35)")
     p.add_argument(
@@ -173,7 +177,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "and zero-shot FID against --ref (a captioned set or image folder)",
     )
     p.add_argument("--clip", help="text-to-image: a local transformers CLIP folder (CLIP score)")
-    p.add_argument("--guidance", type=float, default=1.0, help="text-to-image teacher: CFG scale")
+    p.add_argument("--guidance", type=float, default=1.0, help="teacher: CFG scale")
     p.add_argument(
         "--protocol",
         choices=("fdistill", "dmd2"),
@@ -189,8 +193,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from fdistill import evaluation
     from fdistill.engine import distributed
+    from fdistill.evaluation import evaluate, format_table
     from fdistill.runs import atomic_write_text
 
     check_outputs(
@@ -206,55 +210,30 @@ def run_eval(args: argparse.Namespace) -> int:
         },
     )
     set_threads(args)
-    t2i_metrics = "clip" in (args.metrics or "").split(",")
-    if args.protocol != "fdistill" and not (args.captions or args.clip or t2i_metrics):
-        raise ValueError("--protocol dmd2 applies to text-to-image evaluation (--captions)")
-    if args.captions or args.clip or t2i_metrics:
-        from fdistill import evaluation_text
-
-        one_process("text-to-image evaluation")
-
-        res = evaluation_text.evaluate_t2i(
-            args.ckpt,
-            captions=args.captions,
-            ref=args.ref,
-            metrics=args.metrics,
-            clip=args.clip,
-            inception=args.inception,
-            n=args.n,
-            seed=args.seed,
-            nfe=args.nfe,
-            guidance=args.guidance,
-            batch=args.batch,
-            device=args.device,
-            protocol=args.protocol,
-            out_dir=str(Path(args.out).parent) if args.out else None,
-        )
-        print(evaluation_text.format_t2i_table(res))
-        if args.out:
-            atomic_write_text(json.dumps(res, indent=2) + "\n", args.out)
-            print(f"wrote {args.out}")
-        return 0
-    inception = False if args.inception == "none" else args.inception
     # Under torchrun every rank generates its share of the samples; rank 0 measures them.
     with distributed(args.device) as ddp:
-        res = evaluation.evaluate_source(
+        res = evaluate(
             args.ckpt,
-            metrics=evaluation.parse_metrics(args.metrics or "fid,pr,classes"),
-            n=args.n,
+            metrics=args.metrics,
+            n=args.n if args.n is not None or args.protocol == "dmd2" else 10_000,
             seed=args.seed,
             nfe=args.nfe,
             ref=args.ref,
             ref_stats=args.ref_stats,
-            inception=inception,
+            inception=False if args.inception == "none" else args.inception,
             classifier=args.classifier,
+            captions=args.captions,
+            clip=args.clip,
+            guidance=args.guidance,
+            protocol=args.protocol,
             batch=args.batch,
             device=str(ddp.device),
             ddp=ddp,
+            out_dir=str(Path(args.out).parent) if args.out else None,
         )
     if res is None:
         return 0
-    print(evaluation.format_table(res))
+    print(format_table(res))
     if args.out:
         atomic_write_text(json.dumps(res, indent=2) + "\n", args.out)
         print(f"wrote {args.out}")
