@@ -110,6 +110,11 @@ def average_gradients(params: Iterable[nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is an FSDP shard (a DTensor)."""
+    return isinstance(t, DTensor)
+
+
 def full_tensor(t: Tensor) -> Tensor:
     """A whole tensor: gathers an FSDP shard (collective: every rank must call it)."""
     return t.full_tensor() if isinstance(t, DTensor) else t

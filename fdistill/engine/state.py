@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fdistill.engine.processes import Dist, Generators, full_tensor
+from fdistill.engine.processes import Dist, Generators, full_tensor, is_sharded
 from fdistill.rng import BatchRandom
 from fdistill.runs import CHECKPOINT, atomic_save
 
@@ -26,6 +26,29 @@ class EMA:
     def __init__(self, module: nn.Module, decay: float):
         self.decay = float(decay)
         self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        self._pairs: tuple[nn.Module, list, list] | None = None
+
+    def _pairing(self, module: nn.Module) -> tuple[list, list]:
+        """``(groups, buffers)``: per (device, dtype) the average's parameters and the trained
+        module's (Parameter objects, read at each update), and the buffer pairs. Walking the
+        module tree costs more than the update itself at small sizes, so the pairing is kept
+        while ``module`` is the same object (a DDP wrapper or a new module pairs again; FSDP
+        shards, whose registered parameters FSDP swaps, pair at every update)."""
+        if self._pairs is not None and self._pairs[0] is module:
+            return self._pairs[1], self._pairs[2]
+        mine, theirs = list(self.module.parameters()), list(module.parameters())
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA of {len(mine)} parameters updated from {len(theirs)}")
+        by_kind: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+        for e, p in zip(mine, theirs, strict=True):
+            group = by_kind.setdefault((e.device, e.dtype), ([], []))
+            group[0].append(e)
+            group[1].append(p)
+        groups = [(device, dtype, es, ps) for (device, dtype), (es, ps) in by_kind.items()]
+        buffers = list(zip(self.module.buffers(), module.buffers(), strict=True))
+        if not any(is_sharded(p) for p in theirs):
+            self._pairs = (module, groups, buffers)
+        return groups, buffers
 
     @torch.no_grad()
     def update(
@@ -39,22 +62,15 @@ class EMA:
         weight: float | Tensor = 1 - decay
         if skip is not None:
             weight = (~skip).float() * weight
-        mine = list(self.module.parameters())
-        theirs = [full_tensor(p.detach()) for p in module.parameters()]
-        if len(mine) != len(theirs):
-            raise ValueError(f"EMA of {len(mine)} parameters updated from {len(theirs)}")
+        groups, buffers = self._pairing(module)
         # One fused call per dtype (the per-tensor lerp_ it runs gives the same bits).
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for e, p in zip(mine, theirs, strict=True):
-            group = groups.setdefault((e.device, e.dtype), ([], []))
-            group[0].append(e)
-            group[1].append(p)
-        for (device, dtype), (es, ps) in groups.items():
+        for device, dtype, es, ps in groups:
+            ps = [full_tensor(p.detach()) for p in ps]
             if isinstance(weight, Tensor):
                 torch._foreach_lerp_(es, ps, [weight.to(device, dtype)] * len(es))
             else:
                 torch._foreach_lerp_(es, ps, weight)
-        for e, b in zip(self.module.buffers(), module.buffers(), strict=True):
+        for e, b in buffers:
             e.copy_(b if skip is None else torch.where(skip, e, b))
 
 
