@@ -73,11 +73,18 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--depth", type=int, default=None, help="MLP residual blocks (default 2; 3 before 2026-12)"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the toy's networks are too small to gain from more)",
+    )
     p.add_argument("--out", default="runs/toy", help="output folder")
     p.set_defaults(func=run_toy)
 
 
 def run_toy(args: argparse.Namespace) -> int:
+    set_threads(args)
     cfg = toy.ToyConfig(divergence=args.divergence, alpha=args.alpha)
     for key in ("hidden", "depth"):
         value = getattr(args, key)
