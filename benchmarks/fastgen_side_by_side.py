@@ -83,7 +83,6 @@ memory of each update (what it allocates on top of the resident state, PyTorch p
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -108,13 +107,21 @@ sys.path.insert(0, str(HERE))
 if importlib.util.find_spec("fdistill") is None:  # not installed: the checkout this file is in
     sys.path.insert(1, str(HERE.parent))
 
-from real_size import PresetBench, num_params, teacher_config, timed_both  # noqa: E402
+from real_size import (  # noqa: E402
+    PresetBench,
+    num_params,
+    teacher_config,
+    timed_both,
+    write_report,
+)
 from step_cost import peak_bytes, state_bytes  # noqa: E402
 
 MIB = 2**20
 SIDES = ("ours", "FastGen")
 KINDS = ("teacher", "critic", "generator")
 CLOCKS = {"cpu": "CPU time", "wall": "wall"}
+PASSES = (("ours", "forward"), ("ours", "features"))
+"""Our single passes (no gradients), timed in the same rounds to show an update's floor."""
 QUICK_CHANNELS = 16  # --quick: model_channels (features 32 wide: channel_mult 2, 2, 2)
 
 
@@ -388,8 +395,10 @@ def measure(
         ("FastGen", "teacher"): fg.teacher_step,
         ("FastGen", "critic"): fg.critic_update,
         ("FastGen", "generator"): fg.generator_update,
+        ("ours", "forward"): bench.forward_pass,
+        ("ours", "features"): bench.feature_pass,
     }
-    order = [(side, kind) for kind in KINDS for side in SIDES]
+    order = [*((side, kind) for kind in KINDS for side in SIDES), *PASSES]
     walls: dict[tuple[str, str], list[float]] = {k: [] for k in order}
     cpus: dict[tuple[str, str], list[float]] = {k: [] for k in order}
     for r in range(reps + 1):
@@ -408,7 +417,7 @@ def measure(
     res.cpu = {k: statistics.median(v) for k, v in cpus.items() if v}
     res.resident = {"ours": bench.resident(), "FastGen": fg.resident()}
     if mem:
-        for key in order:
+        for key in order[: len(order) - len(PASSES)]:
             our_zero_grad(bench)
             fg.zero_grad()
             res.mem[key] = peak_bytes(run[key], torch.device("cpu"))
@@ -486,13 +495,24 @@ def tables(r: Result) -> str:
                 f"| {side} | {_mib(tm)} | {_mib(m.get((side, 'critic')))} | {_mib(gm)} | "
                 f"{_x(gm, tm)} | {_mib(res['teacher'])} | {_mib(res['distill'])} |"
             )
+    t, f, e = (r.cpu.get(k) for k in (("ours", "teacher"), *PASSES))
+    crit = r.cpu.get(("ours", "critic"))
+    if t and f and e and crit:
+        out.append(
+            f"\nOurs, the passes an update is made of (CPU time, no gradients, batch {r.batch}): "
+            f"a forward of the network {_s(f)}, up to the deepest discriminator tap {_s(e)}. A "
+            "critic update is a fake-score training step (a teacher step's work) plus a student "
+            f"sample (one forward) and two feature passes (real and fake): floor (T + F + 2E) / "
+            f"T = {(t + f + 2 * e) / t:.2f}x, measured {crit / t:.2f}x."
+        )
     out.append(f"\nProcess peak RSS (both sides resident): {_mib(r.max_rss)}.")
     return "\n".join(out)
 
 
 NOTES = """\
-- Teacher step. Ours: EDM loss (log-normal sigma, lambda(sigma)-weighted) + AdamW (fused) of
-  the teacher network, grad clip 10, dropout 0.13. FastGen: `SFTModel` of
+- Teacher step. Ours: one update of the engine running teacher training (`Denoising`: EDM loss,
+  log-normal sigma, lambda(sigma)-weighted, + fused AdamW of the teacher network, grad clip,
+  dropout 0.13), as `train-teacher` runs it. FastGen: `SFTModel` of
   `config_sft_edm_cifar10` (log-normal sigma, unweighted x0 MSE, Adam lr 2e-5, dropout 0.13,
   grad clip 10), without its augmentation pipe.
 - Critic update. Both: fake-score denoising loss on a detached one-step sample, teacher
@@ -561,17 +581,10 @@ def main(argv: list[str] | None = None) -> None:
     body = tables(res)
     print(f"\n{head}\n\n{body}\n", flush=True)
     if args.out:
-        cmd = "python benchmarks/fastgen_side_by_side.py " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
+        title = "FastGen's CIFAR-10 f-distill updates next to ours on this CPU"
         elapsed = time.monotonic() - t0
-        text = (
-            "# FastGen's CIFAR-10 f-distill updates next to ours on this CPU\n\n"
-            f"`{cmd.strip()}` ({datetime.date.today()}, {elapsed:.0f} s). {head}.\n\n"
-            f"{NOTES}\n\n{body}\n"
-        )
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}", flush=True)
+        script = "fastgen_side_by_side.py"
+        write_report(args.out, title, script, argv, head, NOTES, body, elapsed)
 
 
 if __name__ == "__main__":

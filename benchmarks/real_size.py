@@ -264,6 +264,17 @@ class PresetBench:
         """One generator update of the engine."""
         engine_update(self.engine, "generator")
 
+    def forward_pass(self) -> None:
+        """The teacher network's forward without gradients: what a student sample costs."""
+        with torch.no_grad():
+            self.teacher(self.x_real, torch.ones(self.batch), self.labels())
+
+    def feature_pass(self) -> None:
+        """The teacher up to its deepest discriminator tap without gradients: one batch of the
+        discriminator's inputs (call after :meth:`build_model`, which selects the taps)."""
+        with torch.no_grad():
+            self.teacher(self.x_real, torch.ones(self.batch), self.labels(), return_features="only")
+
     def drop_grads(self) -> None:
         """No gradients resident (an engine update leaves its own until the next one)."""
         drop_grads(self.teacher_engine, *([self.engine] if self.model is not None else []))
@@ -529,14 +540,29 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + body, flush=True)
     elapsed = time.monotonic() - t0
     if args.out:
-        cmd = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        text = (
-            "# The presets' real networks on this CPU (issue 7)\n\n"
-            f"`{cmd.strip()}` ({datetime.date.today()}, {elapsed:.0f} s). {head}.\n\n"
-            f"{NOTES}\n\n{body}\n"
-        )
-        Path(args.out).write_text(text)
-        print(f"\nwrote {args.out}", flush=True)
+        title = "The presets' real networks on this CPU (issue 7)"
+        write_report(args.out, title, "real_size.py", argv, head, NOTES, body, elapsed)
+
+
+def write_report(
+    out: str | Path,
+    title: str,
+    script: str,
+    argv: list[str] | None,
+    head: str,
+    notes: str,
+    body: str,
+    elapsed: float,
+) -> None:
+    """A benchmark's markdown report: title, the command that made it, date, run time, the
+    settings line ``head``, the reading notes and the tables."""
+    cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (
+        f"# {title}\n\n`{cmd.strip()}` ({datetime.date.today()}, {elapsed:.0f} s). {head}.\n\n"
+        f"{notes}\n\n{body}\n"
+    )
+    Path(out).write_text(text)
+    print(f"\nwrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,43 +57,14 @@ def evaluate_t2i(
     )
 
 
-def evaluate_t2i_dmd2(
-    source: str | Path,
-    *,
-    captions: str | Path | None,
-    ref: str | Path | None,
-    metrics: Sequence[str],
-    clip: str | Path | None,
-    inception: str | Path | nn.Module | None,
-    n: int | None,
-    seed: int,
-    nfe: int | None,
-    guidance: float,
-    batch: int,
-    device: str,
-    out_dir: str | Path | None,
-) -> dict[str, Any]:
-    """DMD2's zero-shot COCO protocol (:mod:`fdistill.metrics.protocol`), :func:`evaluate` with
-    ``protocol="dmd2"``: ``n`` captions (30k by default) drawn from ``captions`` with a fixed
-    seed (the list is written to ``out_dir``), one image per caption, generated and reference
-    images centre-cropped and Lanczos-resized to 256, FID with clean-fid's resize to 299 and
-    the Inception weights, CLIP score with the prefix "A photo depicts "."""
-    return evaluate_t2i(
-        source,
-        captions=captions,
-        ref=ref,
-        metrics=metrics,
-        clip=clip,
-        inception=inception,
-        n=n,
-        seed=seed,
-        nfe=nfe,
-        guidance=guidance,
-        batch=batch,
-        device=device,
-        protocol="dmd2",
-        out_dir=out_dir,
-    )
+def evaluate_t2i_dmd2(source: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """DMD2's zero-shot COCO protocol (:mod:`fdistill.metrics.protocol`), :func:`evaluate_t2i`
+    with ``protocol="dmd2"`` (same keywords): ``n`` captions (30k by default) drawn from
+    ``captions`` with a fixed seed (the list is written to ``out_dir``), one image per caption,
+    generated and reference images centre-cropped and Lanczos-resized to 256, FID with
+    clean-fid's resize to 299 and the Inception weights, CLIP score with the prefix
+    "A photo depicts "."""
+    return evaluate_t2i(source, protocol="dmd2", **kwargs)
 
 
 format_t2i_table = format_table
