@@ -258,3 +258,17 @@ def test_ref_stats_command_matches_direct_statistics(tmp_path, capsys):
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-6, atol=1e-6)
     assert main(["ref-stats", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_detector_and_stats_of_different_sizes_is_one_line(tmp_path, capsys):
+    """An Inception file whose features do not match --ref-stats: one line naming both flags."""
+    det = tmp_path / "det.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(PixelDetector()), str(det))  # 64 features for digits
+    save_stats(tmp_path / "ref.npz", np.zeros(10), np.eye(10))
+    args = ["--ckpt", "digits", "--n", "20", "--inception", str(det)]
+    assert main(["eval", *args, "--ref-stats", str(tmp_path / "ref.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fdistill: error:") and "Traceback" not in err
+    assert "returned 64 features, expected 10" in err and "--ref-stats" in err

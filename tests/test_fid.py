@@ -271,7 +271,7 @@ def test_inception_pipeline_matches_reference(detectors, proj, shape, which):
 
 
 def test_inception_feature_count_checked(detectors):
-    with pytest.raises(RuntimeError, match=f"returned {N_FEAT} features, expected 2048"):
+    with pytest.raises(ValueError, match=f"returned {N_FEAT} features, expected 2048"):
         InceptionFeatures(detectors[0])(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="1 or 3"):
         InceptionFeatures(detectors[0], num_features=N_FEAT)(torch.zeros(2, 2, 8, 8))

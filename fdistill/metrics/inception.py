@@ -183,9 +183,10 @@ class InceptionFeatures(nn.Module):
             feats = self._detect(u8)
             feats = feats.reshape(chunk.shape[0], -1).float()
             if feats.shape[1] != self.num_features:
-                raise RuntimeError(
+                raise ValueError(
                     f"detector '{self.path}' returned {feats.shape[1]} features, expected "
-                    f"{self.num_features}"
+                    f"{self.num_features} (the feature count of the reference statistics or "
+                    "of the Inception file): pass a matching --inception or --ref-stats"
                 )
             out.append(feats)
         if not out:
