@@ -14,9 +14,32 @@ networks, random weights behind ``EDMPrecond(net, sigma_data=0.5)``, one process
 Targets (DESIGN.md section 4): distillation update <= 1.5x a teacher step; generator-update
 transient memory <= 1.3x a teacher step's; one-step sampling >= 30x the 35-NFE teacher.
 
-Updates run as :func:`fdistill.training.train_distill` runs them (fused AdamW, the NaN/Inf
-watch on the device; the loop itself adds no host synchronisation); timings synchronise only at
-the ends of a block of updates, and report the median over rounds. Rows print as soon as they
+Every update timed or measured is the training engine's own
+(:meth:`fdistill.engine.Engine.update`, the update :func:`fdistill.engine.train` runs: loss,
+backward, the NaN/Inf guard on the device, gradient norm, clipping, fused AdamW), through
+``step_cost.engine_update``, on the objects the commands build:
+
+* teacher step: the ``denoise`` phase of :class:`fdistill.methods.Denoising` (EDM loss,
+  ``train-teacher``'s optimiser settings at learning rate 1e-4), training its own copy of the
+  teacher network (dropout on, as a teacher run);
+* critic and generator updates: the ``critic`` and ``generator`` phases of the
+  :class:`fdistill.methods.FDistill` that ``fdistill distill`` builds from the teacher
+  (:func:`fdistill.recipes.build_distill`: ``distill``'s defaults, JS divergence, heads 64
+  wide on the teacher's encoder, the GAN weight and critic ratio below; student and fake score
+  are the teacher's dropout-free copies, as ``distill`` makes them).
+
+bf16 is the engine's own autocast (``LoopConfig.bf16``, ``--bf16`` of the commands) and the
+compiled rows the engine's own ``torch.compile`` (``LoopConfig.compile`` and
+:meth:`fdistill.engine.Engine.compile`: the teacher-training network; the frozen teacher,
+student and fake score of the distillation), so every variant measured runs through the engine.
+Resident state is what the two engines hold (networks, AdamW moments, and each engine's EMA
+copy: of the teacher-training network and of the student), so "total" counts it; transient
+memory is measured with no gradients held (an engine update leaves its own in place until the
+next one: they are dropped first). One-step and Heun sampling are no updates and run the
+networks directly (under the same autocast).
+
+Timings synchronise only at the ends of a block of updates (the engine adds no host
+synchronisation per update), and report the median over rounds. Rows print as soon as they
 are measured, so a time-out keeps what finished; ``--budget`` skips what would not fit. The
 discriminator reads the teacher's encoder (CIFAR-10: 32, 16 and 8; ImageNet-64: 8), GAN weight
 1e-3 / 3e-3 and ratio 5, as in the paper's Table 5; per-GPU batches are the paper's global
@@ -31,32 +54,41 @@ rows run in a child process with the time left as its time-out, so the script en
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from fdistill.critic import MultiScaleHead
-from fdistill.denoisers import EDMLoss, EDMPrecond
-from fdistill.denoisers.songunet import build_edm_network, edm_preset_kwargs
-from fdistill.distill import FDistill, LossConfig
-from fdistill.divergences import get_divergence
-from fdistill.generator import OneStepGenerator
-from fdistill.samplers import heun_sampler
-from fdistill.training import (
-    FiniteGuard,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_size import teacher_config  # noqa: E402
+from step_cost import drop_grads, engine_update  # noqa: E402
+
+from fdistill import rng  # noqa: E402
+from fdistill.config import DistillConfig  # noqa: E402
+from fdistill.denoisers import EDMLoss  # noqa: E402
+from fdistill.denoisers.registry import build_denoiser, copy_denoiser  # noqa: E402
+from fdistill.engine import (  # noqa: E402
+    Dist,
+    Engine,
+    LoopConfig,
     NonFiniteError,
-    apply_update,
+    TeacherTrainConfig,
     autocast,
-    compile_modules,
-    make_adamw,
+    make_batch_randoms,
 )
+from fdistill.generator import OneStepGenerator  # noqa: E402
+from fdistill.methods import Denoising, Inputs, Method  # noqa: E402
+from fdistill.methods.fdistill import resolved_levels  # noqa: E402
+from fdistill.recipes import build_distill  # noqa: E402
+from fdistill.samplers import heun_sampler  # noqa: E402
+from fdistill.teachers.registry import TeacherInfo  # noqa: E402
 
 
 @dataclass
@@ -148,79 +180,96 @@ def peak(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     return (top - base) / 2**20, top / 2**20
 
 
-def build_teacher(spec: Network, device: torch.device) -> tuple[EDMPrecond, int]:
-    """Random-weight EDM network behind EDM preconditioning; the number of classes."""
-    kw = edm_preset_kwargs(spec.preset) | spec.overrides
+def build_teacher(spec: Network, device: torch.device) -> tuple[nn.Module, int]:
+    """Random-weight EDM network behind EDM preconditioning (EDM's initialisation), with the
+    ``.info`` an EDM pickle of it would give; the number of classes."""
+    config = teacher_config(spec.preset, **spec.overrides)
     torch.manual_seed(0)
-    teacher = EDMPrecond(build_edm_network(kw), sigma_data=0.5).to(device)
+    teacher = build_denoiser(config)
+    kw = config["network_kwargs"]
+    res, ch, classes = int(kw["img_resolution"]), int(kw["in_channels"]), int(kw["label_dim"])
+    teacher.info = TeacherInfo(
+        family="random",
+        shape=(ch, res, res),
+        num_classes=classes,
+        sigma_min=0.002,
+        sigma_max=80.0,
+        sigma_data=0.5,
+        details={"network": config["network"], "weights": "EDM init"},
+    )
     if spec.taps is not None:
         teacher.set_feature_taps(spec.taps)
-    return teacher, int(kw["label_dim"])
+    return teacher.to(device), classes
 
 
 class Bench:
-    """One network at one setting (bf16, compile): a teacher step and the f-distill updates."""
+    """One network at one setting (bf16, compile): a teacher step and the f-distill updates,
+    each an update of the training engine (:meth:`fdistill.engine.Engine.update`)."""
 
-    def __init__(self, spec: Network, device: torch.device, bf16: bool, compiled: str | None):
-        self.device, self.bf16 = device, bf16
+    def __init__(
+        self,
+        spec: Network,
+        device: torch.device,
+        bf16: bool,
+        compiled: str | None,
+        critic_ratio: int = 5,
+    ):
+        self.device, self.ddp = device, Dist(device=device)
         teacher, classes = build_teacher(spec, device)
-        net = teacher.net
-        self.shape = (spec.batch, net.img_channels, net.img_resolution, net.img_resolution)
-        self.gen = torch.Generator(device=device).manual_seed(0)
-        self.x_real = torch.rand(self.shape, device=device, generator=self.gen) * 2 - 1
-        self.labels = torch.randint(classes, (spec.batch,), device=device, generator=self.gen)
-        # Teacher training: its own trained copy, as a teacher run would hold.
-        self.tnet = copy.deepcopy(teacher).requires_grad_(True).train()
-        self.t_params = list(self.tnet.parameters())
-        self.t_opt = make_adamw(self.t_params, 1e-4, (0.9, 0.999), 0.0, device)
-        self.edm = EDMLoss()
-        fake = copy.deepcopy(teacher).requires_grad_(True)
-        self.model = FDistill(
-            teacher,
-            OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), sigma_init=80.0),
-            fake,
-            MultiScaleHead.for_network(teacher, hidden=64),
-            get_divergence("js"),
-            LossConfig(gan_weight=spec.gan_weight, disc_features="teacher"),
-        ).to(device)
-        m = self.model
-        self.g_params = list(m.generator.parameters())
-        self.c_params = m.critic_parameters()
-        self.opt_g = make_adamw(self.g_params, 1e-4, (0.9, 0.999), 1e-2, device)
-        self.opt_c = make_adamw(self.c_params, 1e-4, (0.9, 0.999), 1e-2, device)
-        self.guard = FiniteGuard(device)
+        info = teacher.info
+        self.shape = (spec.batch, *info.shape)
+        gen = torch.Generator(device=device).manual_seed(0)  # the fixed real batch and labels
+        self.x_real = torch.rand(self.shape, device=device, generator=gen) * 2 - 1
+        self.labels = torch.randint(classes, (spec.batch,), device=device, generator=gen)
+        self.inputs = Inputs(real=self.real, latents=self.latents)
+        loop = {"batch": spec.batch, "batch_gpu": None, "bf16": bf16, "progress": False}
+        loop |= {"compile": compiled is not None, "compile_backend": compiled or "inductor"}
+        # Teacher training as train-teacher sets it up, of its own copy of the network (dropout
+        # on; nothing shared with the distillation's frozen teacher).
+        with device:  # the copies are made where they run (fast at 296 M parameters)
+            net = copy_denoiser(teacher, inference=False)
+        tcfg = replace(TeacherTrainConfig(), lr=1e-4, **loop)
+        self.teacher_engine = self.engine(Denoising(net, EDMLoss()), tcfg)
+        # The f-distill method distill builds from the teacher, in the engine.
+        base = DistillConfig()
+        cfg = replace(
+            base,
+            divergence="js",
+            head_hidden=64,
+            disc_taps=tuple(spec.taps) if spec.taps is not None else None,
+            loss=replace(base.loss, gan_weight=spec.gan_weight, disc_features="teacher"),
+            train=replace(base.train, critic_ratio=critic_ratio, **loop),
+        )
+        levels, binning = resolved_levels(cfg.loss, info.schedule is not None)
+        cfg = replace(cfg, loss=replace(cfg.loss, noise_levels=levels, ratio_binning=binning))
+        torch.manual_seed(cfg.train.seed)  # the head's initialisation, as distill seeds it
+        with device:
+            model = build_distill(cfg, teacher)
+        self.distill_engine = self.engine(model.to(device), cfg.train)
         self.compile_s = 0.0
-        if compiled:
-            nets = [self.tnet, m.teacher, m.generator, m.fake_score]
-            compile_modules(nets, device, True, backend=compiled)
+        for engine in (self.teacher_engine, self.distill_engine):
+            engine.compile()  # what train() compiles (nothing unless compiling)
 
-    def latents(self) -> torch.Tensor:
-        return torch.randn(self.shape, device=self.device, generator=self.gen)
+    def engine(self, method: Method, cfg: LoopConfig) -> Engine:
+        """``method`` set up in the engine as :func:`fdistill.engine.train` does on one
+        process, with the random streams the commands draw from."""
+        gens = make_batch_randoms(cfg.seed, self.ddp)
+        return Engine(method, self.inputs, cfg, ddp=self.ddp, gens=gens)
+
+    def real(self, n: int, gen: rng.RandomSource) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_real[:n], self.labels[:n]
+
+    def latents(self, n: int, gen: rng.RandomSource) -> tuple[torch.Tensor, torch.Tensor]:
+        return rng.randn((n, *self.shape[1:]), gen, device=self.device), self.labels[:n]
 
     def teacher_step(self) -> None:
-        self.t_opt.zero_grad(set_to_none=True)
-        with autocast(self.device, self.bf16):
-            loss = self.edm(self.tnet, self.x_real, self.labels, generator=self.gen).mean()
-        loss.backward()
-        stats = {"loss": loss.detach()}
-        apply_update(self.t_opt, self.t_params, stats, step=1, grad_clip=10.0, guard=self.guard)
+        engine_update(self.teacher_engine, "denoise")
 
     def critic_update(self) -> None:
-        m = self.model
-        self.opt_c.zero_grad(set_to_none=True)
-        with autocast(self.device, self.bf16):
-            loss, st = m.critic_loss(
-                self.latents(), self.labels, self.x_real, self.labels, self.gen
-            )
-        loss.backward()
-        apply_update(self.opt_c, self.c_params, st, step=1, grad_clip=10.0, guard=self.guard)
+        engine_update(self.distill_engine, "critic")
 
     def generator_update(self) -> None:
-        self.opt_g.zero_grad(set_to_none=True)
-        with autocast(self.device, self.bf16):
-            loss, st = self.model.generator_loss(self.latents(), self.labels, self.gen)
-        loss.backward()
-        apply_update(self.opt_g, self.g_params, st, step=1, grad_clip=10.0, guard=self.guard)
+        engine_update(self.distill_engine, "generator")
 
     def warm_up(self, ratio: int) -> None:
         """One of each update (allocator, AdamW state, every compiled graph), timed."""
@@ -239,17 +288,21 @@ class Bench:
             times["critic"].append(timed(self.critic_update, self.device, ratio))
             times["generator"].append(timed(self.generator_update, self.device, 2))
         med = {k: statistics.median(v) for k, v in times.items()}
-        for opt in (self.t_opt, self.opt_c, self.opt_g):  # measure from a state without grads
-            opt.zero_grad(set_to_none=True)
-        mem = {
-            "teacher": peak(self.teacher_step, self.device),
-            "critic": peak(self.critic_update, self.device),
-            "generator": peak(self.generator_update, self.device),
-        }
-        try:  # random weights should still give finite updates; timings stand either way
-            self.guard.check()
-        except NonFiniteError as e:
-            say(f"note: {e}")
+        engines = (self.teacher_engine, self.distill_engine)
+        mem = {}
+        for kind, fn in (
+            ("teacher", self.teacher_step),
+            ("critic", self.critic_update),
+            ("generator", self.generator_update),
+        ):
+            drop_grads(*engines)  # each measured from a state without gradients
+            mem[kind] = peak(fn, self.device)
+        drop_grads(*engines)
+        for engine in engines:  # random weights should still give finite updates
+            try:  # timings stand either way
+                engine.guard.check()
+            except NonFiniteError as e:
+                say(f"note: {e}")
         return {"time": med, "mem": mem}
 
 
@@ -266,8 +319,8 @@ def bench_row(name: str, spec: Network, dev: torch.device, args, bf16: bool, com
     """Measure one setting and print its table row (``OOM`` if it does not fit)."""
     prec, mode = ("bf16" if bf16 else "fp32"), compiled or "eager"
     try:
-        b = Bench(spec, dev, bf16, compiled)
         k = args.critic_ratio
+        b = Bench(spec, dev, bf16, compiled, k)
         b.warm_up(k)
         r = b.measure(k, args.rounds)
     except torch.OutOfMemoryError:
