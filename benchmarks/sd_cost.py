@@ -2,51 +2,80 @@
 
 Builds the SD v1.5 UNet at its published configuration with random weights (diffusers'
 ``UNet2DConditionModel``: block_out_channels (320, 640, 1280, 1280), cross_attention_dim 768,
-layers_per_block 2, attention_head_dim 8, sample_size 64) behind fdistill's
-``StableDiffusionTeacher``, and measures with the library's own losses
-(:class:`fdistill.distill.FDistill`, the ``t2i`` preset: CFG 1.75, GAN weight 1e-3, R1 1,
-discriminator on the teacher's mid-block features):
+layers_per_block 2, attention_head_dim 8, sample_size 64) and a CLIP ViT-L/14-sized text encoder
+(random weights; a stand-in tokenizer, :class:`HashTokenizer`, since CLIP's vocabulary files are
+not at hand) behind fdistill's ``StableDiffusionTeacher``, and measures:
 
 * one teacher denoising step (a 50-step CFG sampler's step: one UNet pass on the cond and
-  uncond batch) and one plain UNet pass;
+  uncond batch) and one plain UNet pass. fdistill has no teacher-training loss for a text
+  teacher (:class:`fdistill.methods.Denoising` trains EDM denoisers with the EDM loss;
+  ``train-teacher`` trains no Stable Diffusion UNet), so this step is the script's own: the
+  teacher's no-grad CFG call, the scale every update is compared with;
 * one critic update (fake-score denoising loss + discriminator with R1) and one generator
-  update (student forward/backward, teacher CFG, fake score, GAN term), forward + backward;
-* the AdamW step of the 860M-parameter network, timed on an eighth of its parameters and
-  scaled (AdamW is elementwise, linear in the parameter count);
-* the text encoder (CLIP ViT-L/14's, 123M parameters) on one batch of prompts;
-* memory: peak resident set of each update above the models it holds, and the state
-  (weights, gradients, AdamW moments) of a full run, computed from the parameter counts, for a
-  fully trained fake score (DMD2, the paper) and for a LoRA one.
+  update (student forward/backward, teacher CFG, fake score, GAN term), each one update of the
+  training engine (:meth:`fdistill.engine.Engine.update`: the method's loss from a fresh batch,
+  backward, NaN/Inf guard, gradient norm, clipping, fused AdamW: the code ``distill`` runs) of
+  the :class:`fdistill.methods.FDistill` that ``fdistill distill --preset t2i --r1-gamma 1``
+  builds (:func:`fdistill.recipes.build_distill` from a :class:`fdistill.config.T2IConfig`: CFG
+  1.75, GAN weight 1e-3, discriminator on the teacher's mid-block features, timestep noise
+  levels and ratio bins; R1 1 as in the paper's Table 5, the preset's own R1 0 being the
+  "without R1" row), fed as ``distill`` feeds a text teacher: the student's latents and prompt
+  embeddings from :func:`fdistill.conditioning.student_inputs` with the teacher's
+  :class:`fdistill.conditioning.Text` conditioning, real batches of latents (a VAE posterior
+  sample) with the embeddings of their captions (:func:`fdistill.sources.captioned_sampler`);
+  both encode their prompts with the text encoder in every update, as a run does. fp32 (the
+  preset's ``--bf16`` off: a CPU measurement);
+* the engine's AdamW step (:func:`fdistill.engine.make_adamw`: fused) of the 860M-parameter
+  network, timed on an eighth of its parameters and scaled (AdamW is elementwise, linear in the
+  parameter count); the updates above include their own, this row attributes it;
+* the text encoder on one batch of prompts;
+* memory: peak resident set of each update above what the process holds when it starts
+  (models, AdamW moments; gradients dropped before each, freed memory handed back to the OS),
+  and the state (weights, gradients, AdamW moments) of a full run, computed from the parameter
+  counts, for a fully trained fake score (DMD2, the paper) and for a LoRA one.
 
 This machine has 23 GB of RAM shared with other jobs, so each process holds at most two
-UNets: in the critic update the student is the teacher's own weights (the same forward cost),
-in the generator update the fake score is (it only runs without gradients there). Each phase
+UNets' weights: in the critic update the student shares the teacher's weights (the same forward
+cost), in the generator update the fake score does (it only runs without gradients there); the
+generator's EMA, which the engine keeps but no update touches, shares the student's. With the
+trained network's gradients and AdamW moments a phase holds about 17 GiB at SD size. Each phase
 runs in its own process so that peaks do not mix. One torch thread (2 cores shared with other
 agents). Latents 32x32 (256x256 images) by default: 64x64 is four times slower per pass.
 
     python benchmarks/sd_cost.py                      # ~6 min, writes results/sd_cost_cpu.md
     python benchmarks/sd_cost.py --latent 64 --rounds 1
+    python benchmarks/sd_cost.py --tiny --out /tmp/sd_cost_tiny.md   # checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch import nn
 
-from fdistill.critic import MultiScaleHead
-from fdistill.distill import FDistill, LossConfig
-from fdistill.divergences import get_divergence
-from fdistill.generator import OneStepGenerator
-from fdistill.pipeline import PRESETS, DistillConfig, apply_preset
-from fdistill.teachers.registry import TeacherInfo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import drop_grads, engine_update  # noqa: E402
+
+from fdistill.conditioning import of_teacher, student_inputs  # noqa: E402
+from fdistill.config import PRESETS, T2IConfig, apply_preset  # noqa: E402
+from fdistill.data.captions import CaptionedData  # noqa: E402
+from fdistill.engine import Dist, Engine, LoopConfig, make_adamw, make_batch_randoms  # noqa: E402
+from fdistill.methods import FDistill, Inputs  # noqa: E402
+from fdistill.methods.fdistill import resolved_levels  # noqa: E402
+from fdistill.recipes import build_distill  # noqa: E402
+from fdistill.sources import captioned_sampler  # noqa: E402
+from fdistill.teachers.registry import TeacherInfo  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64,
@@ -79,6 +108,16 @@ SD15_TEXT = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
 )
+TINY_TEXT = dict(
+    SD15_TEXT,
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    bos_token_id=998,  # HashTokenizer's, within the tiny vocabulary
+    eos_token_id=999,
+)
 PUBLISHED_UNET = 860e6
 TINY_UNET = dict(
     sample_size=8,
@@ -91,59 +130,154 @@ TINY_UNET = dict(
     cross_attention_dim=32,
     attention_head_dim=8,
 )
+R1_GAMMA = 1.0
+"""R1 weight of the measured critic update: the paper's Table 5 value for SD (the ``t2i`` preset
+follows the official code, R1 off: the "without R1" measurement)."""
 GIB = 2**30
+PROMPTS = tuple(
+    f"a {a} photo of a {b} {c}"
+    for a in ("close-up", "wide", "studio", "blurry")
+    for b in ("red", "small", "wooden", "striped")
+    for c in ("cat", "bicycle", "teapot", "house")
+)
+CAPTIONS = tuple(
+    f"{thing} {where} a {place}"
+    for place in ("table", "street", "beach", "shelf")
+    for thing, where in (
+        ("a dog", "next to"),
+        ("two cups", "on"),
+        ("a car", "near"),
+        ("a lamp", "by"),
+    )
+)
+REAL_IMAGES = 8
+"""Images of the stand-in captioned set (two captions each, as COCO has several)."""
+
+
+class HashTokenizer:
+    """Stand-in for CLIP's tokenizer, whose vocabulary files are not at hand: each word of a
+    prompt hashed to an id below ``vocab - 2``, between BOS (``vocab - 2``) and EOS
+    (``vocab - 1``, also the padding), padded and truncated to ``model_max_length``, returned as
+    ``CLIPTokenizer(..., padding="max_length", truncation=True, return_tensors="pt")`` returns
+    them. Its cost is nothing next to the text encoder's."""
+
+    def __init__(self, vocab: int, length: int = 77):
+        self.model_max_length = length
+        self.bos, self.eos = vocab - 2, vocab - 1
+        self.pad_token_id = self.eos
+
+    def __call__(self, prompts, padding="max_length", max_length=None, truncation=True, **_):
+        length = max_length or self.model_max_length
+        rows = []
+        for p in prompts:
+            words = [zlib.crc32(w.encode()) % self.bos for w in p.lower().split()]
+            ids = [self.bos, *words[: length - 2], self.eos]
+            rows.append(ids + [self.pad_token_id] * (length - len(ids)))
+        return SimpleNamespace(input_ids=torch.tensor(rows))
+
+
+def text_config(unet_config: dict) -> dict:
+    """The CLIP text encoder's config for ``unet_config``: SD v1.5's (CLIP ViT-L/14) for its
+    768-wide cross-attention, else a tiny one of the UNet's width."""
+    width = unet_config["cross_attention_dim"]
+    return SD15_TEXT if width == SD15_TEXT["hidden_size"] else dict(TINY_TEXT, hidden_size=width)
 
 
 def sd_teacher(unet_config: dict, device: str | torch.device = "cpu", seed: int = 0):
     """A ``StableDiffusionTeacher`` around a randomly initialised UNet of ``unet_config``,
-    frozen, with a random empty-prompt embedding and ``.info`` as a loaded pipeline has."""
+    frozen, with a randomly initialised text encoder of the matching width (and a
+    :class:`HashTokenizer`) to encode prompts, and ``.info`` as a loaded pipeline has."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from fdistill.teachers.stable_diffusion import StableDiffusionTeacher
+    from fdistill.teachers.stable_diffusion import SDComponents, StableDiffusionTeacher
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config).to(device).requires_grad_(False).eval()
-    ctx = (77, unet_config["cross_attention_dim"])
-    teacher = StableDiffusionTeacher(unet, SD15_SCHEDULE, "epsilon", context=ctx)
-    # The post-load hook marks the empty-prompt embedding as set.
-    teacher.load_state_dict({"null_cond": torch.randn(1, *ctx)}, strict=False)
+    tcfg = text_config(unet_config)
+    encoder = CLIPTextModel(CLIPTextConfig(**tcfg)).to(device).requires_grad_(False).eval()
+    tokenizer = HashTokenizer(tcfg["vocab_size"], tcfg["max_position_embeddings"])
+    parts = SDComponents(tokenizer, encoder, None)  # no VAE: the latents are given
+    teacher = StableDiffusionTeacher(unet, SD15_SCHEDULE, "epsilon", components=parts)
     s = teacher.schedule
     size = unet_config["sample_size"]
     teacher.info = TeacherInfo(
-        "diffusers", (4, size, size), 0, s.sigma_min, s.sigma_max, 1.0, {"conditioning": "text"}
+        family="diffusers",
+        shape=(4, size, size),
+        num_classes=0,
+        sigma_min=s.sigma_min,
+        sigma_max=s.sigma_max,
+        sigma_data=1.0,
+        details={"conditioning": "text", "weights": "random"},
+        schedule=s,
     )
     return teacher.to(device)
 
 
-def loss_config(teacher) -> LossConfig:
-    """The ``t2i`` preset's loss settings for ``teacher``'s noise range."""
-    loss = apply_preset(DistillConfig(), "t2i").loss
-    return replace(
-        loss,
-        disc_features="teacher",
-        sigma_min=teacher.info.sigma_min,
-        sigma_max=teacher.info.sigma_max,
-        sigma_data=1.0,
+def distill_config(batch: int, r1_gamma: float = R1_GAMMA, **loop) -> T2IConfig:
+    """What ``fdistill distill --preset t2i --r1-gamma R1_GAMMA --batch BATCH`` trains
+    (``loop``: further loop settings, e.g. ``bf16``), with "auto" noise levels resolved for
+    the teacher's discrete schedule as ``distill`` resolves them."""
+    cfg = apply_preset(T2IConfig(), "t2i")
+    loss = replace(cfg.loss, r1_gamma=r1_gamma, r1="exact", disc_features="teacher")
+    levels, binning = resolved_levels(loss, True)
+    loss = replace(loss, noise_levels=levels, ratio_binning=binning)
+    train = replace(cfg.train, batch=batch, batch_gpu=None, progress=False, **loop)
+    return replace(cfg, loss=loss, train=train)
+
+
+def t2i_inputs(teacher: nn.Module, device: str | torch.device, seed: int = 1) -> Inputs:
+    """The engine's inputs as ``distill`` sets them up for a text teacher: the student's unit
+    latents and prompt embeddings (:func:`fdistill.conditioning.student_inputs` with the
+    teacher's :class:`~fdistill.conditioning.Text` conditioning over :data:`PROMPTS`), and real
+    batches of latents with their captions' embeddings (:func:`fdistill.sources.captioned_sampler`
+    over :data:`REAL_IMAGES` random "VAE posteriors", a fresh posterior sample per batch)."""
+    shape = tuple(teacher.info.shape)
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(REAL_IMAGES, *shape, generator=g)
+    std = 0.1 * torch.rand(REAL_IMAGES, *shape, generator=g)
+    data = CaptionedData(
+        source="random",
+        root=Path("."),
+        files=tuple(f"{i}.png" for i in range(REAL_IMAGES)),
+        image_of=tuple(i % REAL_IMAGES for i in range(len(CAPTIONS))),
+        captions=CAPTIONS,
+    )
+    device = torch.device(device)
+    conditioning = of_teacher(teacher, PROMPTS)
+    return Inputs(
+        real=captioned_sampler(mean, data, teacher, device, std),
+        latents=student_inputs(shape, conditioning, device),
     )
 
 
-def distill_model(teacher, generator, fake):
-    """FDistill with the t2i preset's discriminator (mid-block taps) and R1-ready attention."""
-    from fdistill.t2i import r1_attention_processor
+def distill_model(teacher: nn.Module, cfg: T2IConfig, device: str | torch.device) -> FDistill:
+    """The f-distill method ``distill`` builds from ``teacher`` for ``cfg`` (student and fake
+    score copied from it, heads seeded as ``distill`` seeds them), on ``device``."""
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        return build_distill(cfg, teacher).to(device)
 
-    for net in {id(teacher): teacher, id(fake): fake}.values():
-        net.set_feature_taps(PRESETS["t2i"]["disc_taps"])
-    teacher.unet.set_attn_processor(r1_attention_processor())
-    head = MultiScaleHead(teacher.selected_feature_maps(), hidden=DistillConfig().head_hidden)
-    return FDistill(
-        teacher,
-        generator,
-        fake,
-        head,
-        get_divergence("js"),
-        loss_config(teacher),
-        schedule=teacher.info.schedule,
-    )
+
+def distill_engine(
+    model: FDistill, inputs: Inputs, loop: LoopConfig, device: str | torch.device
+) -> Engine:
+    """``model`` set up in the engine as :func:`fdistill.engine.train` does on one process, with
+    the random streams ``distill`` draws from."""
+    ddp = Dist(device=torch.device(device))
+    return Engine(model, inputs, loop, ddp=ddp, gens=make_batch_randoms(loop.seed, ddp))
+
+
+def share_weights(copy: nn.Module, source: nn.Module) -> None:
+    """Point the parameters and buffers of ``copy`` (``source``'s architecture) at ``source``'s
+    tensors: the same forward cost, no memory of its own. The parameters stay ``copy``'s own
+    objects (an optimiser over them is unchanged); only an update that does not step them may
+    run."""
+    with torch.no_grad():
+        for a, b in zip(copy.parameters(), source.parameters(), strict=True):
+            a.data = b.data
+        for a, b in zip(copy.buffers(), source.buffers(), strict=True):
+            a.data = b.data
 
 
 # --------------------------------------------------------------------------- memory
@@ -166,6 +300,15 @@ def peak() -> int:
     return 0
 
 
+def trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it), so the resident set counts what
+    is held."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def timed(fn) -> tuple[float, int]:
     """Seconds of ``fn()`` and the peak resident memory it added."""
     base = rss()
@@ -176,18 +319,22 @@ def timed(fn) -> tuple[float, int]:
 
 
 # --------------------------------------------------------------------------- phases
-def _inputs(args, teacher):
-    g = torch.Generator().manual_seed(0)
-    b, r = args.batch, args.latent
-    z = torch.randn(b, 4, r, r, generator=g)
-    cond = torch.randn(b, 77, teacher.null_cond.shape[-1], generator=g)
-    x_real = torch.randn(b, 4, r, r, generator=g)
-    return g, z, cond, x_real
+def _rounds(args, fn, *engines: Engine) -> dict:
+    """A warm-up of ``fn`` (allocator, first-call overheads, AdamW moments), then the median
+    time and largest transient of ``args.rounds`` calls, each from a state without gradients."""
 
+    def clean():
+        drop_grads(*engines)
+        trim()
 
-def _rounds(args, fn) -> dict:
-    fn()  # warm-up: allocator, first-call overheads
-    ts, ms = zip(*(timed(fn) for _ in range(args.rounds)), strict=True)
+    clean()
+    fn()
+    runs = []
+    for _ in range(args.rounds):
+        clean()
+        runs.append(timed(fn))
+    clean()
+    ts, ms = zip(*runs, strict=True)
     return {"seconds": statistics.median(ts), "transient_bytes": max(ms)}
 
 
@@ -201,77 +348,60 @@ def phase_teacher(args) -> dict:
     teacher = sd_teacher(_unet(args))
     build = time.perf_counter() - t0
     params = sum(p.numel() for p in teacher.unet.parameters())
-    g, z, cond, _ = _inputs(args, teacher)
+    g = torch.Generator().manual_seed(0)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    cond = teacher.encode_prompts(prompts)
+    x = 3.0 * torch.randn(args.batch, *teacher.info.shape, generator=g)
     sigma = torch.full((args.batch,), 3.0)
-    x = z * 3.0
     out = {"unet_params": params, "build_seconds": build, "resident_bytes": rss()}
     with torch.no_grad():
         out["forward"] = _rounds(args, lambda: teacher(x, sigma, cond))
         out["cfg_step"] = _rounds(args, lambda: teacher.guided(x, sigma, cond, 1.75))
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tcfg = (
-        dict(
-            SD15_TEXT,
-            vocab_size=1000,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-        if args.tiny
-        else SD15_TEXT
-    )
-    text = CLIPTextModel(CLIPTextConfig(**tcfg)).eval()
-    ids = torch.randint(tcfg["vocab_size"], (args.batch, 77), generator=g)
-    out["text_params"] = sum(p.numel() for p in text.parameters())
-    with torch.no_grad():
-        out["text_encoder"] = _rounds(args, lambda: text(ids))
+    encoder = teacher.components.text_encoder
+    out["text_params"] = sum(p.numel() for p in encoder.parameters())
+    out["text_encoder"] = _rounds(args, lambda: teacher.encode_prompts(prompts))
     return out
 
 
-def phase_critic(args) -> dict:
+def _engine(args, shared: str) -> Engine:
+    """The engine of the distillation with ``shared`` (``"generator"`` or ``"fake_score"``)
+    holding the teacher's weights, and the generator's EMA the generator's."""
     teacher = sd_teacher(_unet(args))
-    from fdistill.denoisers.registry import copy_denoiser
+    cfg = distill_config(args.batch)
+    model = distill_model(teacher, cfg, "cpu")
+    net = model.generator.denoiser if shared == "generator" else model.fake_score
+    share_weights(net, teacher)
+    engine = distill_engine(model, t2i_inputs(teacher, "cpu"), cfg.train, "cpu")
+    share_weights(engine.ema.module, model.generator)
+    trim()
+    return engine
 
-    fake = copy_denoiser(teacher).requires_grad_(True)
-    model = distill_model(teacher, OneStepGenerator(teacher, teacher.info.sigma_max), fake)
-    g, z, cond, x_real = _inputs(args, teacher)
+
+def phase_critic(args) -> dict:
+    engine = _engine(args, "generator")
     out = {"resident_bytes": rss()}
+    out["update"] = _rounds(args, lambda: engine_update(engine, "critic"), engine)
+    # The same update without R1's double backward, as `--r1-gamma 0` builds it: no penalty,
+    # and the teacher's attention on its default (fused) kernels.
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    def update():
-        loss, _ = model.critic_loss(z, cond, x_real, cond, g)
-        loss.backward()
-        for p in model.critic_parameters():
-            p.grad = None
-
-    out["update"] = _rounds(args, update)
-    model.cfg.r1_gamma = 0.0  # the same update without R1's double backward
-    out["update_no_r1"] = _rounds(args, update)
+    model = engine.method
+    model.cfg.r1_gamma = 0.0
+    model.teacher.unet.set_attn_processor(AttnProcessor2_0())
+    out["update_no_r1"] = _rounds(args, lambda: engine_update(engine, "critic"), engine)
     return out
 
 
 def phase_generator(args) -> dict:
-    teacher = sd_teacher(_unet(args))
-    from fdistill.denoisers.registry import copy_denoiser
-
-    student = OneStepGenerator(copy_denoiser(teacher), teacher.info.sigma_max).requires_grad_(True)
-    model = distill_model(teacher, student, teacher)
-    g, z, cond, _ = _inputs(args, teacher)
+    engine = _engine(args, "fake_score")
     out = {"resident_bytes": rss()}
-
-    def update():
-        loss, _ = model.generator_loss(z, cond, g)
-        loss.backward()
-        for p in student.parameters():
-            p.grad = None
-
-    out["update"] = _rounds(args, update)
+    out["update"] = _rounds(args, lambda: engine_update(engine, "generator"), engine)
     return out
 
 
 def phase_adamw(args) -> dict:
-    """AdamW on the first eighth of the UNet's parameters (by count), scaled to all."""
+    """The engine's AdamW (fused, ``distill``'s betas and weight decay) on the first eighth of
+    the UNet's parameters (by count), scaled to all."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -285,7 +415,8 @@ def phase_adamw(args) -> dict:
         p.grad = torch.randn(s) * 1e-3
         params.append(p)
         count += s.numel()
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+    loop = distill_config(args.batch).train
+    opt = make_adamw(params, loop.lr_critic, loop.betas, loop.weight_decay, torch.device("cpu"))
     opt.step()  # allocates the moments
     ts = [timed(opt.step)[0] for _ in range(max(2, args.rounds))]
     return {
@@ -347,7 +478,7 @@ def run_phase(name: str, args) -> dict:
     raise RuntimeError(f"phase {name} failed:\n{proc.stderr[-3000:]}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--latent", type=int, default=32, help="latent side (64: SD's 512x512)")
     p.add_argument("--batch", type=int, default=1)
@@ -355,7 +486,11 @@ def main() -> None:
     p.add_argument("--phase", choices=tuple(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help="a tiny UNet: checks the script runs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sd_cost_cpu.md"))
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     if args.phase:
         print("RESULT " + json.dumps(PHASES[args.phase](args)), flush=True)
@@ -369,7 +504,8 @@ def main() -> None:
         f"{args.rounds}` ({time.strftime('%Y-%m-%d')}). Random weights, SD v1.5's UNet config; "
         f"latents {args.latent}x{args.latent} ({8 * args.latent}x{8 * args.latent} images), "
         f"batch {args.batch}; median of {args.rounds} after a warm-up; the 2 cores are shared "
-        "with other jobs, so times carry some noise.",
+        "with other jobs, so times carry some noise. Critic and generator updates are the "
+        "training engine's (`Engine.update`: loss, backward, clipping, fused AdamW).",
         "",
     ]
 
@@ -405,12 +541,12 @@ def main() -> None:
     adam = a["step_seconds"]
     row("AdamW step, 860M parameters (scaled from 1/8)", adam, None)
     c = run_phase("critic", args)
-    crit = c["update"]["seconds"] + adam
+    crit = c["update"]["seconds"]  # the engine's update includes its AdamW step
     row("critic update (fwd + bwd + AdamW)", crit, c["update"]["transient_bytes"])
-    crit0 = c["update_no_r1"]["seconds"] + adam
+    crit0 = c["update_no_r1"]["seconds"]
     row("critic update without R1", crit0, c["update_no_r1"]["transient_bytes"])
     g = run_phase("generator", args)
-    gen = g["update"]["seconds"] + adam
+    gen = g["update"]["seconds"]
     row("generator update (fwd + bwd + AdamW)", gen, g["update"]["transient_bytes"])
     k = PRESETS["t2i"]["critic_ratio"]
     per_update = (k * crit + gen) / (k + 1)
@@ -424,10 +560,12 @@ def main() -> None:
     say(f"| distillation update without R1 | {per0:.2f} s | {per0 / cfg:.2f}x | - |")
     say()
     say(
-        f"In UNet passes: critic update {c['update']['seconds'] / fwd:.1f} F, generator update "
-        f"{g['update']['seconds'] / fwd:.1f} F (F = one UNet forward at batch B, {fwd:.2f} s). "
+        f"In UNet passes (the AdamW step taken out): critic update {(crit - adam) / fwd:.1f} F, "
+        f"generator update {(gen - adam) / fwd:.1f} F (F = one UNet forward at batch B, "
+        f"{fwd:.2f} s). "
         f"The text encoder costs {t['text_encoder']['seconds'] / fwd:.3f} F per batch of "
-        "prompts: embeddings are computed per batch, not cached."
+        "prompts: embeddings are computed per batch, not cached (the updates above encode "
+        "theirs: the critic's real captions and student prompts, the generator's prompts)."
     )
     say()
     say(
@@ -454,7 +592,8 @@ def main() -> None:
     say(
         f"Measured resident sets here: teacher phase {t['resident_bytes'] / GIB:.2f} GiB (one "
         f"UNet + text encoder), critic phase {c['resident_bytes'] / GIB:.2f} GiB and generator "
-        f"phase {g['resident_bytes'] / GIB:.2f} GiB (two UNets each, before gradients)."
+        f"phase {g['resident_bytes'] / GIB:.2f} GiB (two UNets' weights each + text encoder, "
+        "before gradients and AdamW moments)."
     )
     say()
     say(f"total wall time {time.perf_counter() - t_start:.0f} s")

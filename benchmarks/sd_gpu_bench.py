@@ -1,17 +1,31 @@
 """One-shot GPU benchmark of text-to-image f-distill at Stable Diffusion v1.5's real size.
 
-SD v1.5's UNet (860M parameters, random weights) as teacher, student and fake score, all
-three on the card with AdamW (fused) for the two trained ones, the ``t2i`` preset's losses
-(CFG 1.75, GAN 1e-3, R1 1, discriminator on the teacher's mid-block features), 64x64 latents
-(512x512 images) at ``--batch`` per update. For each setting (bf16 autocast, activation
-checkpointing of the three UNets, ``torch.compile`` of the UNets) it prints, as it goes, the
-median time of a critic and of a generator update (forward, backward, AdamW), the time of an
-iteration (``critic_ratio`` critic updates + one generator update) and the student images it
-trains per second, the teacher's CFG denoising step for scale, and the peak GPU memory. A
-setting that runs out of memory prints ``OOM`` and the next one runs. Then the one-step
-student's sampling throughput (UNet, and UNet + VAE decode). With R1 (the preset) ``compile``
-leaves the teacher eager: aot_autograd has no double backward, and R1 differentiates through
-the teacher's encoder twice.
+SD v1.5's UNet (860M parameters, random weights; a CLIP ViT-L/14-sized text encoder beside it)
+as teacher, student and fake score, all three on the card, 64x64 latents (512x512 images) at
+``--batch`` per update. Every update timed is one update of the training engine
+(:meth:`fdistill.engine.Engine.update`: loss, backward, NaN/Inf guard, gradient norm, clipping,
+fused AdamW: the code ``distill`` runs) of the :class:`fdistill.methods.FDistill` that
+``fdistill distill --preset t2i --r1-gamma 1`` builds for a text teacher
+(:func:`fdistill.recipes.build_distill`; CFG 1.75, GAN 1e-3, R1 1 as in the paper's Table 5,
+discriminator on the teacher's mid-block features; set up by ``benchmarks/sd_cost.py``), fed as
+``distill`` feeds it: the student's latents and prompt embeddings from
+:func:`fdistill.conditioning.student_inputs` with the teacher's ``Text`` conditioning, real
+latents with their captions' embeddings (prompts encoded in every update, as in a run). For
+each setting (bf16 autocast and ``torch.compile``, both the engine's: ``LoopConfig.bf16`` and
+:meth:`fdistill.engine.Engine.compile`; activation checkpointing of the three UNets) it builds
+the engine afresh and prints, as it goes, the median time of a critic and of a generator update,
+the time of an iteration (``critic_ratio`` critic updates + one generator update) and the
+student images it trains per second, the teacher's CFG denoising step for scale, and the peak
+GPU memory (weights, AdamW moments and the generator's EMA, plus one update: the gradients the
+engine holds are dropped before each update; a run also keeps the last generator update's
+gradients through the critic updates). A setting that runs out of memory prints ``OOM`` and the
+next one runs. Then the one-step student's sampling throughput (UNet, and UNet + VAE decode).
+With R1 ``compile`` leaves the teacher eager (the plan's choice): aot_autograd has no double
+backward, and R1 differentiates through the teacher's encoder twice.
+
+The teacher CFG step is the script's own (the teacher's no-grad CFG call, a 50-step sampler's
+step): fdistill has no teacher-training loss for a text teacher to run in the engine
+(:class:`fdistill.methods.Denoising` trains EDM denoisers with the EDM loss).
 
     python benchmarks/sd_gpu_bench.py                     # sized for < 8 min on one 80 GB card
     python benchmarks/sd_gpu_bench.py --batch 16 --settings bf16+ckpt,bf16+ckpt+compile
@@ -32,7 +46,7 @@ Write the printed table into ``benchmarks/results/`` with the card's name.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import statistics
 import sys
 import time
@@ -42,11 +56,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_cost import SD15_UNET, TINY_UNET, distill_model, sd_teacher  # noqa: E402
+from sd_cost import (  # noqa: E402
+    PROMPTS,
+    SD15_UNET,
+    TINY_UNET,
+    distill_config,
+    distill_engine,
+    distill_model,
+    sd_teacher,
+    t2i_inputs,
+)
+from step_cost import drop_grads, engine_update, timed  # noqa: E402
 
-from fdistill.denoisers.registry import copy_denoiser  # noqa: E402
-from fdistill.generator import OneStepGenerator  # noqa: E402
-from fdistill.pipeline import PRESETS  # noqa: E402
+from fdistill.config import PRESETS  # noqa: E402
+from fdistill.engine import Engine, autocast  # noqa: E402
 
 DEFAULT_SETTINGS = "bf16,bf16+ckpt,bf16+ckpt+compile"
 
@@ -85,19 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn, reps: int, device: torch.device) -> float:
+def median_time(fn, reps: int, device: torch.device, *engines: Engine) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` (synchronised), the gradients the ``engines``
+    hold dropped before each (outside the timing; an update drops its own first)."""
     ts = []
     for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append(time.perf_counter() - t0)
+        drop_grads(*engines)
+        ts.append(timed(fn, device))
     return statistics.median(ts)
 
 
@@ -172,52 +189,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {name}, torch {torch.__version__}", flush=True)
 
     with torch.device(device):
-        teacher = sd_teacher(unet_cfg, device)
-        student = OneStepGenerator(copy_denoiser(teacher), teacher.info.sigma_max)
-        fake = copy_denoiser(teacher)
-    student.requires_grad_(True)
-    fake.requires_grad_(True)
-    model = distill_model(teacher, student, fake).to(device)
+        teacher = sd_teacher(dict(unet_cfg, sample_size=side), device)
+    b = args.batch
+    cfg = distill_config(b, critic_ratio=args.critic_ratio)
+    model = distill_model(teacher, cfg, device)
+    inputs = t2i_inputs(teacher, device)
     n_params = sum(p.numel() for p in teacher.unet.parameters())
-    fused = {"fused": True} if device.type == "cuda" else {}
-    g_params = list(model.generator.parameters())
-    c_params = model.critic_parameters()
-    opt_g = torch.optim.AdamW(g_params, lr=1e-5, weight_decay=1e-2, **fused)
-    opt_c = torch.optim.AdamW(c_params, lr=1e-5, weight_decay=1e-2, **fused)
     gen = torch.Generator(device).manual_seed(0)
-    b, ctx = args.batch, teacher.null_cond.shape[1:]
-    z = torch.randn(b, 4, side, side, device=device, generator=gen)
-    x_real = torch.randn(b, 4, side, side, device=device, generator=gen)
-    cond = torch.randn(b, *ctx, device=device, generator=gen)
+    z = torch.randn(b, *teacher.info.shape, device=device, generator=gen)
+    cond = teacher.encode_prompts([PROMPTS[i % len(PROMPTS)] for i in range(b)])
     print(
         f"UNet {n_params / 1e6:.1f}M parameters x 3 (teacher frozen; student and fake score "
         f"with AdamW), latents {side}x{side}, batch {b}, critic ratio {args.critic_ratio}; "
         f"built in {time.perf_counter() - t_start:.0f} s",
         flush=True,
     )
+    engine: Engine | None = None
 
-    def autocast(bf16: bool):
-        if bf16 and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def update(bf16: bool, critic: bool) -> None:
-        opt = opt_c if critic else opt_g
-        opt.zero_grad(set_to_none=True)
-        with autocast(bf16):
-            if critic:
-                loss, _ = model.critic_loss(z, cond, x_real, cond, gen)
-            else:
-                loss, _ = model.generator_loss(z, cond, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(c_params if critic else g_params, 10.0)
-        opt.step()
+    def update(critic: bool) -> None:
+        engine_update(engine, "critic" if critic else "generator")
 
     def teacher_step(bf16: bool) -> None:
-        with torch.no_grad(), autocast(bf16):
+        with torch.no_grad(), autocast(device, bf16):
             teacher.guided(z * 3.0, 3.0, cond, 1.75)
 
-    nets = (teacher, student.denoiser, fake)
+    nets = (teacher, model.generator.denoiser, model.fake_score)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     settings.sort(key=lambda s: "compile" in s)  # compiling cannot be undone
     compiled = False
@@ -238,30 +234,40 @@ def main(argv: list[str] | None = None) -> None:
                 net.unet.enable_gradient_checkpointing()
             else:
                 net.unet.disable_gradient_checkpointing()
-        if "compile" in opts and not compiled:
-            # aot_autograd has no double backward: with R1 the discriminator's feature network
-            # (the teacher) stays eager.
-            targets = nets if model.cfg.r1_gamma == 0 else nets[1:]
-            if device.type == "cuda" or args.compile_backend != "inductor":
-                for net in targets:
-                    net.unet.compile(backend=args.compile_backend)
+        # The engine of this setting (bf16 and compile are loop settings): the previous one's
+        # AdamW moments and EMA go first.
+        engine = None
+        gc.collect()
+        compiling = "compile" in opts and (
+            device.type == "cuda" or args.compile_backend != "inductor"
+        )
+        loop = replace(cfg.train, bf16=bf16, compile=compiling)
+        loop = replace(loop, compile_backend=args.compile_backend)
+        engine = distill_engine(model, inputs, loop, device)
+        if compiling and not compiled:
+            # What the plan allows: with R1 the discriminator's feature network (the teacher)
+            # stays eager, aot_autograd having no double backward.
+            engine.compile()
             compiled = True
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
-            update(bf16, True)  # warm-up (and compilation)
-            update(bf16, False)
+            # Warm-up: AdamW moments; compiled, every graph dynamo makes (grad modes, caches
+            # filled on the first calls) takes two rounds.
+            for critic in (True, False) * (2 if compiling else 1):
+                drop_grads(engine)
+                update(critic)
             warm = time.perf_counter() - t0
-            tc = median_time(lambda: update(bf16, True), args.reps, device)  # noqa: B023
-            tg = median_time(lambda: update(bf16, False), args.reps, device)  # noqa: B023
+            tc = median_time(lambda: update(True), args.reps, device, engine)  # noqa: B023
+            tg = median_time(lambda: update(False), args.reps, device, engine)  # noqa: B023
             tt = median_time(lambda: teacher_step(bf16), args.reps, device)  # noqa: B023
         except torch.OutOfMemoryError:
-            opt_c.zero_grad(set_to_none=True)
-            opt_g.zero_grad(set_to_none=True)
+            drop_grads(engine)
             print(f"| {s} | OOM at batch {b} | | | | | |", flush=True)
             continue
+        drop_grads(engine)
         it = args.critic_ratio * tc + tg
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
         note = f" (first updates {warm:.0f} s)" if "compile" in opts else ""
@@ -270,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {it:.2f} s | {b / it:.2f} | {mem:.1f} GiB |",
             flush=True,
         )
+    student = model.generator
 
     # One-step sampling throughput of the student (bf16), UNet alone and with a VAE decode.
     from diffusers import AutoencoderKL
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         ).eval()
 
     def sample(decode: bool) -> None:
-        with torch.no_grad(), autocast(True):
+        with torch.no_grad(), autocast(device, True):
             x = student(z, cond)
             if decode:
                 vae.decode(x / 0.18215)

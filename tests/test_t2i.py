@@ -401,21 +401,77 @@ class ChannelMeans(torch.nn.Module):
         return u8.mean((2, 3))
 
 
-@pytest.mark.slow
-def test_gpu_benchmark_script_runs_tiny_on_cpu():
-    """benchmarks/sd_gpu_bench.py is meant for a GPU; --tiny checks it end to end on a CPU."""
-    import subprocess
-    import sys
+def _benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module."""
+    import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sd_gpu_bench.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _count_updates(monkeypatch):
+    """A counter of the engine's updates (``Engine.update``) by method and phase."""
+    from collections import Counter
+
+    from fdistill.engine import Engine
+
+    calls: Counter = Counter()
+    update = Engine.update
+
+    def counted(self, phase, step):
+        calls[type(self.method).__name__, phase.name] += 1
+        return update(self, phase, step)
+
+    monkeypatch.setattr(Engine, "update", counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_tiny_on_cpu(monkeypatch, capsys):
+    """benchmarks/sd_gpu_bench.py is meant for a GPU; --tiny checks it end to end on a CPU.
+    Every update it times is the engine's own (``Engine.update``, counted) of the f-distill
+    method ``distill`` builds."""
+    bench = _benchmark("sd_gpu_bench")
+    calls = _count_updates(monkeypatch)
     args = ["--tiny", "--batch", "2", "--reps", "1", "--settings", "bf16,bf16+ckpt,fp32+ckpt"]
-    proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| bf16")]
-    assert len(rows) == 2 and "OOM" not in proc.stdout
-    assert "one-step sampling, batch 2" in proc.stdout
+    bench.main(args)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| bf16")]
+    assert len(rows) == 2 and "OOM" not in out
+    assert "one-step sampling, batch 2" in out
+    # Per setting: a warm-up critic and generator update, then --reps of each.
+    assert calls == {("FDistill", "critic"): 3 * 2, ("FDistill", "generator"): 3 * 2}
+
+
+@pytest.mark.slow
+def test_sd_cost_script_runs_tiny(monkeypatch, tmp_path, capsys):
+    """benchmarks/sd_cost.py --tiny, its phases in this process: every update it times is the
+    engine's own (``Engine.update``, counted), and it writes its table."""
+    bench = _benchmark("sd_cost")
+    calls = _count_updates(monkeypatch)
+    monkeypatch.setattr(bench, "run_phase", lambda name, args: bench.PHASES[name](args))
+    threads = torch.get_num_threads()
+    out = tmp_path / "sd_cost.md"
+    try:
+        bench.main(["--tiny", "--latent", "8", "--rounds", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    # A warm-up and one timed round of: the critic update with R1 and without, the generator.
+    assert calls == {("FDistill", "critic"): 2 * 2, ("FDistill", "generator"): 2}
+    text = out.read_text()
+    for row in (
+        "| **teacher denoising step**",
+        "| critic update (fwd",
+        "| critic update without R1",
+        "| generator update (fwd",
+        "| **distillation update**",
+        "| AdamW step",
+    ):
+        assert row in text, row
+    assert "| critic update (fwd" in capsys.readouterr().out  # printed as it goes
 
 
 def test_t2i_sampling_refuses_torchrun(sd, monkeypatch, tmp_path, capsys):
@@ -457,12 +513,7 @@ def test_eval_protocol_dmd2_end_to_end(sd, files, tiny_clip, tmp_path):
 def test_gpu_benchmark_run_mode_tiny_on_cpu(sd, files, tiny_clip, tmp_path):
     """sd_gpu_bench.py --run: distil a pipeline for some minutes, resume exactly to the steps
     that fit, evaluate with --protocol dmd2 (the tiny fixtures, on the CPU)."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sd_gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("sd_gpu_bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("sd_gpu_bench")
     coco = tmp_path / "captions_val.json"
     coco.write_text(json.dumps({"annotations": [{"image_id": i, "caption": c}
                                                 for i, c in enumerate(CAPTIONS)]}))  # fmt: skip
