@@ -80,3 +80,23 @@ def tiny_clip(tmp_path_factory) -> Path:
         )
     )
     return d
+
+
+@pytest.fixture
+def engine_updates(monkeypatch):
+    """A counter of the training engine's updates (``Engine.update``) by method and phase,
+    ``{(method class name, phase name): count}``: benchmarks show with it that what they time
+    is the engine's own update."""
+    from collections import Counter
+
+    from fdistill.engine import Engine
+
+    calls: Counter = Counter()
+    update = Engine.update
+
+    def counted(self, phase, step):
+        calls[type(self.method).__name__, phase.name] += 1
+        return update(self, phase, step)
+
+    monkeypatch.setattr(Engine, "update", counted)
+    return calls

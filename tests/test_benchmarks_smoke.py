@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -188,21 +187,12 @@ def test_few_step_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_step_cost_smoke(monkeypatch, capsys):
+def test_step_cost_smoke(engine_updates, capsys):
     """step_cost at tiny sizes: every update it times or profiles is the engine's own update
     (``Engine.update``, counted here) of the methods the commands build, and it prints its
     tables."""
-    from fdistill.engine import Engine
-
     mod = _load("step_cost")
-    calls: Counter = Counter()
-    update = Engine.update
-
-    def counted(self, phase, step):
-        calls[type(self.method).__name__, phase.name] += 1
-        return update(self, phase, step)
-
-    monkeypatch.setattr(Engine, "update", counted)
+    calls = engine_updates
     threads = torch.get_num_threads()
     try:
         out = mod.main(

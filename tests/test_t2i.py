@@ -412,30 +412,13 @@ def _benchmark(name: str):
     return mod
 
 
-def _count_updates(monkeypatch):
-    """A counter of the engine's updates (``Engine.update``) by method and phase."""
-    from collections import Counter
-
-    from fdistill.engine import Engine
-
-    calls: Counter = Counter()
-    update = Engine.update
-
-    def counted(self, phase, step):
-        calls[type(self.method).__name__, phase.name] += 1
-        return update(self, phase, step)
-
-    monkeypatch.setattr(Engine, "update", counted)
-    return calls
-
-
 @pytest.mark.slow
-def test_gpu_benchmark_script_runs_tiny_on_cpu(monkeypatch, capsys):
+def test_gpu_benchmark_script_runs_tiny_on_cpu(engine_updates, capsys):
     """benchmarks/sd_gpu_bench.py is meant for a GPU; --tiny checks it end to end on a CPU.
     Every update it times is the engine's own (``Engine.update``, counted) of the f-distill
     method ``distill`` builds."""
     bench = _benchmark("sd_gpu_bench")
-    calls = _count_updates(monkeypatch)
+    calls = engine_updates
     args = ["--tiny", "--batch", "2", "--reps", "1", "--settings", "bf16,bf16+ckpt,fp32+ckpt"]
     bench.main(args)
     out = capsys.readouterr().out
@@ -447,11 +430,11 @@ def test_gpu_benchmark_script_runs_tiny_on_cpu(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_sd_cost_script_runs_tiny(monkeypatch, tmp_path, capsys):
+def test_sd_cost_script_runs_tiny(engine_updates, monkeypatch, tmp_path, capsys):
     """benchmarks/sd_cost.py --tiny, its phases in this process: every update it times is the
     engine's own (``Engine.update``, counted), and it writes its table."""
     bench = _benchmark("sd_cost")
-    calls = _count_updates(monkeypatch)
+    calls = engine_updates
     monkeypatch.setattr(bench, "run_phase", lambda name, args: bench.PHASES[name](args))
     threads = torch.get_num_threads()
     out = tmp_path / "sd_cost.md"

@@ -504,7 +504,7 @@ def test_inductor_compiled_networks_match_eager():
 
 # --------------------------------------------------------------------------- benchmark
 @pytest.mark.slow
-def test_gpu_bench_runs_tiny_on_cpu(monkeypatch, capsys):
+def test_gpu_bench_runs_tiny_on_cpu(engine_updates, monkeypatch, capsys):
     """benchmarks/gpu_bench.py --tiny end to end on a CPU; every update it times or measures
     in this process is the engine's own (``Engine.update``, counted here); the compiled rows
     run the same code in a child process."""
@@ -515,14 +515,7 @@ def test_gpu_bench_runs_tiny_on_cpu(monkeypatch, capsys):
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, mod)  # its dataclass looks itself up there
     spec.loader.exec_module(mod)
-    calls: collections.Counter = collections.Counter()
-    update = Engine.update
-
-    def counted(self, phase, step):
-        calls[type(self.method).__name__, phase.name] += 1
-        return update(self, phase, step)
-
-    monkeypatch.setattr(Engine, "update", counted)
+    calls = engine_updates
     held: list[int] = []  # gradients held when a memory measurement starts
     engines: list[Engine] = []
     init = Engine.__init__
