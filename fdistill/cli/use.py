@@ -285,7 +285,7 @@ def run_ref_stats(args: argparse.Namespace) -> int:
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="digits end to end: teacher, JS student, report (about 2 min on 2 CPU cores)",
+        help="digits end to end: teacher, JS student, report (2-3 min on 2 CPU cores)",
         description="Train (or reuse) a digits teacher, distil a one-step student, and write a "
         "report folder: teacher vs student grids, timings and metrics.",
     )
