@@ -68,7 +68,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_size import teacher_config  # noqa: E402
-from step_cost import drop_grads, engine_update  # noqa: E402
+from step_cost import drop_grads, engine_update, sync, timed  # noqa: E402
 
 from fdistill import rng  # noqa: E402
 from fdistill.config import DistillConfig  # noqa: E402
@@ -150,21 +150,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, times: int = 1) -> float:
-    """Seconds per call of ``fn`` over ``times`` calls back to back (synchronised at the ends)."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(times):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / times
 
 
 def peak(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:

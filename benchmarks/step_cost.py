@@ -95,12 +95,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device, times: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``times`` calls back to back (synchronised at the ends)."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(times):
+        fn()
     sync(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / times
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
